@@ -1,0 +1,139 @@
+"""Kernel forward and backward as explicit calls, without an autograd graph.
+
+The sequence-parallel layer needs the pieces of a kernel call separately (a forward whose initial
+state arrives later, a backward whose final-state gradient arrives later), so it drives a kernel
+through this interface rather than through autograd. Every backend provides one:
+
+    forward(call, h0)            -> (o, ht)        ht: fp32 final state per sequence/document
+    final_state(call, h0)        -> ht             the state pass alone
+    backward(call, h0, do, dht)  -> Grads          gradients of every input and of h0
+    state_grad(call, do, dht)    -> dh0            gradient of the initial state alone
+    transition(call)             -> [N, H, K, K]   dense transition of each sequence (delta rules)
+
+Arguments are already checked and normalised (variants.normalize_inputs); h0 / dht may be None.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import torch
+
+from .chunk_torch import chunk_reference
+
+
+@dataclass(frozen=True)
+class Call:
+    """A checked kernel call: g is None, [B,T,H] or [B,T,H,K]; beta None or [B,T,H]."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor | None
+    beta: torch.Tensor | None
+    scale: float
+    cu_seqlens: torch.Tensor | None = None
+
+    @property
+    def n_states(self) -> int:
+        return self.q.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+
+@dataclass
+class Grads:
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dg: torch.Tensor | None
+    dbeta: torch.Tensor | None
+    dh0: torch.Tensor
+
+
+class ExplicitKernel(ABC):
+    """A backend's forward and backward; state_grad and transition default to calls of those."""
+
+    @abstractmethod
+    def forward(self, call: Call, h0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, ht) with o in v's dtype and ht the fp32 final state of every sequence."""
+
+    @abstractmethod
+    def backward(self, call: Call, h0, do, dht) -> Grads:
+        """Gradients of every input and of h0, given do and (possibly None) dht."""
+
+    def final_state(self, call: Call, h0) -> torch.Tensor:
+        """The final state alone (a backend may skip the outputs)."""
+        return self.forward(call, h0)[1]
+
+    def state_grad(self, call: Call, do, dht):
+        # the initial state enters linearly, so its gradient does not depend on its value
+        return self.backward(call, None, do, dht).dh0
+
+    def transition(self, call: Call) -> torch.Tensor:
+        """The product of the A_t of each sequence: the final state started from the identity
+        with nothing written (v = 0). K columns instead of V; fp32 throughout."""
+        N, H, K = call.n_states, call.q.shape[2], call.q.shape[3]
+        eye = torch.eye(K, device=call.q.device, dtype=torch.float32).expand(N, H, K, K).contiguous()
+        zeros = call.q.new_zeros(*call.q.shape)
+        return self.final_state(replace(call, v=zeros), eye)
+
+
+class TorchKernel(ExplicitKernel):
+    """The chunked PyTorch reference; backward by autograd on a recomputed forward."""
+
+    def forward(self, call: Call, h0):
+        with torch.no_grad():
+            o, ht = chunk_reference(call.q, call.k, call.v, call.g, call.beta, call.scale, h0, True,
+                                    call.cu_seqlens)
+        return o, ht
+
+    def _inputs(self, call: Call, h0):
+        names = ["q", "k", "v", "g", "beta"]
+        leaves = {n: getattr(call, n).detach().requires_grad_() for n in names if getattr(call, n) is not None}
+        if h0 is None:
+            N, H, K, V = call.n_states, call.q.shape[2], call.q.shape[3], call.v.shape[3]
+            dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+            h0 = call.q.new_zeros(N, H, K, V, dtype=dt)
+        leaves["h0"] = h0.detach().requires_grad_()
+        return leaves
+
+    def _grad(self, call, h0, do, dht, wanted):
+        with torch.enable_grad():
+            x = self._inputs(call, h0)
+            o, ht = chunk_reference(x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), call.scale, x["h0"], True,
+                                    call.cu_seqlens)
+            outs, grads = [o], [do]
+            if dht is not None:
+                outs.append(ht)
+                grads.append(dht.to(ht.dtype))
+            names = [n for n in wanted if n in x]
+            got = torch.autograd.grad(outs, [x[n] for n in names], grads, allow_unused=True)
+        res = {n: (gr if gr is not None else torch.zeros_like(x[n])) for n, gr in zip(names, got)}
+        return res
+
+    def backward(self, call: Call, h0, do, dht) -> Grads:
+        r = self._grad(call, h0, do, dht, ["q", "k", "v", "g", "beta", "h0"])
+        return Grads(r["q"], r["k"], r["v"], r.get("g"), r.get("beta"), r["h0"])
+
+    def state_grad(self, call: Call, do, dht):
+        # autograd follows only the paths that reach h0: the adjoint state recurrence
+        return self._grad(call, None, do, dht, ["h0"])["h0"]
+
+
+_EXPLICIT: dict[str, ExplicitKernel] = {"torch": TorchKernel()}
+
+
+def explicit_kernel(backend: str) -> ExplicitKernel:
+    """The explicit forward/backward of a concrete backend (see backends.resolve)."""
+    if backend in ("torch", "naive"):
+        return _EXPLICIT["torch"]
+    if backend not in _EXPLICIT:
+        if backend == "triton":
+            from .triton import TritonKernel
+
+            _EXPLICIT["triton"] = TritonKernel()
+        elif backend == "fla":
+            from .fla_backend import FlaKernel
+
+            _EXPLICIT["fla"] = FlaKernel()
+        else:
+            raise ValueError(f"unknown kernel backend {backend!r}")
+    return _EXPLICIT[backend]

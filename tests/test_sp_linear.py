@@ -1,0 +1,196 @@
+"""Sequence-parallel linear attention against the float64 naive recurrence over the whole sequence
+on one process: outputs, final state and every gradient, for every variant x method x layout x
+world size 1-4 x {batch of 2, packed documents crossing ranks} x {with, without initial state}.
+Real gloo collectives; the workers are spawned once per world size and loop over the cases."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import seqpar_kernels as sk
+from seqpar import sp
+from seqpar.comm import counting
+from seqpar.testing import run_ranks
+from seqpar_kernels.testing import random_inputs, rel_err
+
+VARIANTS = list(sk.VARIANTS)
+TOL = 1e-9
+
+
+def packed_boundaries(T: int, P: int) -> list[int]:
+    """Documents of odd lengths, one ending exactly on a contiguous shard edge (which is also a
+    zigzag edge) and, for P >= 3, one spanning three ranks."""
+    S = T // P
+    cuts = {0, 5, S, S + 3, 3 * S - 2, T - 4, T}
+    return sorted(c for c in cuts if 0 <= c <= T)
+
+
+def full_problem(variant, P, packed, with_h0, seed, L):
+    """The whole-sequence inputs and upstream gradients, identical on every rank (same seed)."""
+    T = 2 * P * L
+    B, cu = (1, packed_boundaries(T, P)) if packed else (2, None)
+    n_states = len(cu) - 1 if packed else B
+    x = random_inputs(variant, B=B, T=T, H=2, K=3, V=4, n_states=n_states, initial_state=with_h0, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(x.v.shape, generator=gen, dtype=torch.float64)
+    # each rank's loss uses the final state with its own weight: the reference sums them
+    dht = [torch.randn(n_states, 2, 3, 4, generator=gen, dtype=torch.float64) for _ in range(P)]
+    return x, cu, do, dht
+
+
+def reference(variant, x, cu, do, dht_total):
+    leaves = {n: t.clone().requires_grad_() for n, t in x.tensors().items()}
+    o, ht = sk.naive(variant, leaves["q"], leaves["k"], leaves["v"], g=leaves.get("g"), beta=leaves.get("beta"),
+                     initial_state=leaves.get("initial_state"), output_final_state=True,
+                     cu_seqlens=torch.tensor(cu) if cu else None)
+    torch.autograd.backward([o, ht], [do, dht_total])
+    return o.detach(), ht.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0):
+    group = dist.group.WORLD
+    x, cu, do, dht = full_problem(variant, P, packed, with_h0, seed, L)
+    o_ref, ht_ref, g_ref = reference(variant, x, cu, do, sum(dht))
+
+    def local(t):
+        return sp.shard(t, group, layout)
+
+    # per-token tensors are sharded; initial_state and lightning's per-head decay are replicated
+    replicated = {"initial_state"} | ({"g"} if variant == "lightning" else set())
+    leaves = {n: (t if n in replicated else local(t)).detach().clone().requires_grad_()
+              for n, t in x.tensors().items()}
+    o, ht = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
+                                beta=leaves.get("beta"), initial_state=leaves.get("initial_state"),
+                                output_final_state=True, cu_seqlens=cu, group=group, method=method,
+                                layout=layout, backend="torch", zeco_slices=3)
+    torch.autograd.backward([o, ht], [local(do), dht[rank]])
+    what = f"{variant}/{method}/{layout}/P={P}/{'packed' if packed else 'B=2'}/h0={with_h0}"
+    errs = {"o": rel_err(o, local(o_ref)), "ht": rel_err(ht, ht_ref)}
+    for n, leaf in leaves.items():
+        got = leaf.grad
+        if n in replicated:
+            dist.all_reduce(got)  # each rank holds its share of a replicated input's gradient
+            want = g_ref[n]
+        else:
+            want = local(g_ref[n])
+        errs["d" + n] = rel_err(got, want)
+    bad = {k: v for k, v in errs.items() if not v < TOL}
+    return what, bad
+
+
+def sweep(rank, P, cases):
+    failures = []
+    for case in cases:
+        what, bad = check_case(rank, P, *case)
+        if bad:
+            failures.append(f"{what}: " + ", ".join(f"{k} err {v:.1e}" for k, v in bad.items()))
+    return failures
+
+
+def all_cases():
+    return list(itertools.product(VARIANTS, sp.METHODS, sp.LAYOUTS, [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_sp_matches_whole_sequence(P):
+    cases = all_cases()
+    results = run_ranks(sweep, P, args=(cases,))
+    failures = sorted(set(f for r in results for f in r))
+    assert not failures, f"{len(failures)} failing cases:\n" + "\n".join(failures[:40])
+
+
+def longer_cases(rank, P):
+    """Shards longer than the reference kernel's 64-token chunk: several chunks per shard."""
+    fails = []
+    for variant in VARIANTS:
+        for method, layout, packed in [("lasp2", "zigzag", True), ("zeco", "contiguous", False),
+                                       ("ring", "zigzag", False)]:
+            what, bad = check_case(rank, P, variant, method, layout, packed, True, L=70, seed=3)
+            if bad:
+                fails.append(f"{what}: {bad}")
+    return fails
+
+
+def test_sp_multi_chunk_shards():
+    assert not any(run_ranks(longer_cases, 2))
+
+
+# ---- what crosses the wire ---------------------------------------------------------------------
+
+def count_traffic(rank, P):
+    out = {}
+    for variant, method in itertools.product(["gla", "gated_delta_rule"], sp.METHODS):
+        x = random_inputs(variant, B=1, T=8 * P, H=2, K=4, V=6, initial_state=False, seed=1, dtype=torch.float32)
+        leaves = {n: sp.shard(t, None, "contiguous").detach().requires_grad_() for n, t in x.tensors().items()}
+        with counting() as fwd:
+            o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
+                                       beta=leaves.get("beta"), method=method, zeco_slices=3, backend="torch")
+        with counting() as bwd:
+            o.sum().backward()
+        out[(variant, method)] = (dict(fwd.calls), dict(fwd.bytes_sent), dict(bwd.calls), dict(bwd.bytes_sent))
+    return out
+
+
+def test_communication_volume():
+    P = 3
+    results = run_ranks(count_traffic, P)
+    state_bytes = 2 * 4 * 6 * 4  # H x K x V fp32
+    for rank, res in enumerate(results):
+        for (variant, method), (fc, fb, bc, bb) in res.items():
+            if method == "lasp2":
+                assert fc.get("all_gather") == 1 and bc.get("all_gather") == 1, (variant, fc, bc)
+                assert "send" not in fc and "send" not in bc
+            else:
+                assert "all_gather" not in fc and "all_gather" not in bc
+                # one state's worth per rank per direction (the last rank sends nothing forward)
+                assert fb.get("send", 0) == (state_bytes if rank < P - 1 else 0), (variant, method, rank, fb)
+                assert bb.get("send", 0) == (state_bytes if rank > 0 else 0), (variant, method, rank, bb)
+                slices = 3 if method == "zeco" else 1
+                assert fc.get("send", 0) == (slices if rank < P - 1 else 0)
+
+
+# ---- errors: raised on every rank, before any data moves ---------------------------------------
+
+def bad_calls(rank, P):
+    x = random_inputs("simple_gla", B=1, T=12, H=2, K=4, V=4, initial_state=False, seed=0)
+    cases = {
+        "local lengths differ": dict(q=x.q[:, : 6 if rank == 0 else 4], k=x.k[:, : 6 if rank == 0 else 4],
+                                     v=x.v[:, : 6 if rank == 0 else 4], g=x.g[:, : 6 if rank == 0 else 4]),
+        "layout cannot split": dict(q=x.q[:, :3], k=x.k[:, :3], v=x.v[:, :3], g=x.g[:, :3], layout="zigzag"),
+        "cu_seqlens differ": dict(q=x.q[:, :6], k=x.k[:, :6], v=x.v[:, :6], g=x.g[:, :6],
+                                  cu_seqlens=[0, 5 + rank, 12]),
+        "unknown variant": dict(q=x.q[:, :6], k=x.k[:, :6], v=x.v[:, :6], variant="mamba"),
+        "unknown method": dict(q=x.q[:, :6], k=x.k[:, :6], v=x.v[:, :6], g=x.g[:, :6], method="tree"),
+        "missing gate": dict(q=x.q[:, :6], k=x.k[:, :6], v=x.v[:, :6]),
+        "bad gate on one rank": dict(q=x.q[:, :6], k=x.k[:, :6], v=x.v[:, :6],
+                                     g=x.g[:, :6] if rank == 0 else x.g[:, :6, :1]),
+    }
+    messages = {}
+    for name, kw in cases.items():
+        kw.setdefault("variant", "simple_gla")
+        try:
+            sp.linear_attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), backend="torch", **kw)
+            messages[name] = None
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
+
+
+def test_errors_on_every_rank():
+    results = run_ranks(bad_calls, 2, timeout=120)
+    expect = {
+        "local lengths differ": "local_length differs",
+        "layout cannot split": "cannot be split into 4 equal shards",
+        "cu_seqlens differ": "cu_seqlens differs",
+        "unknown variant": "unknown linear-attention variant 'mamba'",
+        "unknown method": "unknown SP method 'tree'",
+        "missing gate": "needs the log-decay gate",
+        "bad gate on one rank": "rank 1: simple_gla: g must be",
+    }
+    for rank, msgs in enumerate(results):
+        for name, fragment in expect.items():
+            assert msgs[name] is not None, f"rank {rank}: {name} raised nothing"
+            assert fragment in msgs[name], f"rank {rank}: {name}: {msgs[name]}"
