@@ -1,31 +1,30 @@
-"""The `seqpar` command."""
+"""The `seqpar` command. Each subcommand lives in its own module, which provides
+`configure(parser)`: add its arguments and `parser.set_defaults(func=...)`; func(args) -> exit code."""
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
-
-def _env(args) -> int:
-    from seqpar.env import format_report, report
-
-    r = report()
-    print(json.dumps(r, indent=2) if args.json else format_report(r))
-    return 0
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "env": ("seqpar.env", "versions, collectives, GPUs and usable kernel backends"),
+    "bench": ("seqpar.bench.cli", "benchmarks (print a table, write JSON)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqpar", description=__doc__)
+    p = argparse.ArgumentParser(prog="seqpar", description="Sequence-parallel training of linear-attention "
+                                "and hybrid language models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    env = sub.add_parser("env", help="versions, collectives, GPUs and usable kernel backends")
-    env.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    env.set_defaults(func=_env)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        importlib.import_module(module).configure(sub.add_parser(name, help=help_, description=help_))
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,16 @@ def format_report(r: dict) -> str:
     for name, state in r["kernel_backends"].items():
         lines.append(f"backend {name:<7} {state}")
     return "\n".join(lines)
+
+
+def configure(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    import json
+
+    r = report()
+    print(json.dumps(r, indent=2) if args.json else format_report(r))
+    return 0
