@@ -1,0 +1,631 @@
+"""Triton chunkwise kernels for the gated family: linear_attn, lightning, simple_gla, gla.
+
+Per head, S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T and o_t = scale * S_t^T q_t, with g absent
+(GATE 0), one log decay per token (GATE 1, [B,T,H]; lightning arrives expanded to this form) or
+one per key channel (GATE 2, [B,T,H,K]).
+
+Chunks of C = 64 tokens. Inside a chunk G is the cumulative log2 decay (g / ln 2, cumsum), and
+every decay factor is exp2(G_i - G_j) with G_i <= G_j, never exp(-G): nothing overflows however
+strong the gate. The passes:
+
+* state pass (`_state_pass_kernel`): one program per (segment of chunks, head, K/V tile), walking
+  its chunks in order and storing the state entering each chunk, started from zero at the segment
+  start; reversed (q, do instead of k, v) it gives the state gradient leaving each chunk.
+* scan (`_scan_kernel`): per sequence, folds the segments' local states in order to get the true
+  state entering (leaving) each segment, with the initial state (final-state gradient).
+  A chunk's true state is its local one plus the segment's incoming state decayed to the chunk.
+* chunk-parallel passes: outputs (`_fwd_o_kernel`), dq/dk/dg (`_bwd_dqk_kernel`), dv (`_bwd_dv_kernel`).
+
+Per-key gates inside a chunk: blocks of BC = 16 tokens; pairs in different blocks go through
+tensor-core products with the block's first row as the reference point (both factors <= 1); pairs
+inside a block are formed element by element. No tl.trans anywhere: transposed operands are loaded
+transposed (Triton 3.4-3.7.0 on Hopper miscompiles tl.trans of matrix-product results).
+
+dg uses the chunk-local identity dG_i = q_i*dq_i - k_i*dk_i (plus the state term at the chunk end)
+and dg = reverse cumsum of dG within the chunk, so nothing long-range cancels.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..explicit import Call, Grads
+from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
+
+LOG2E = 1.4426950408889634
+CHUNK = 64
+BLOCK = 16  # sub-chunk of the per-key intra-chunk products
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (inlined into the kernels)
+
+@triton.jit
+def _gate_scalar(g, rows, m_t, i_h, H):
+    """Per-token gate of one chunk as log2 decays: (G [C] cumulative, G_last scalar)."""
+    b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0).to(tl.float32) * 1.4426950408889634
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _gate_key(g, rows, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
+    """Per-key gate [C, BK] of one chunk: (G cumulative over rows, G_last [BK])."""
+    b_g = tl.load(g + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                  other=0).to(tl.float32) * 1.4426950408889634
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _gate_key_t(g, rows, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
+    """The same, loaded transposed [BK, C] (cumulative over columns)."""
+    b_g = tl.load(g + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_t[None, :] & m_k[:, None],
+                  other=0).to(tl.float32) * 1.4426950408889634
+    return tl.cumsum(b_g, 1)
+
+
+@triton.jit
+def _tile(x, rows, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
+    """Rows x columns tile [C, BD] of a [rows, H, D] tensor."""
+    return tl.load(x + (rows[:, None] * H + i_h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0)
+
+
+@triton.jit
+def _tile_t(x, rows, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
+    """The transposed tile [BD, C]."""
+    return tl.load(x + (rows[None, :] * H + i_h) * D + o_d[:, None], mask=m_t[None, :] & m_d[:, None], other=0)
+
+
+@triton.jit
+def _state(local, cdec, seg_in, c, s, i_h, H, K: tl.constexpr, V: tl.constexpr, o_k, m_k, o_v, m_v,
+           GATE: tl.constexpr, TRANS: tl.constexpr):
+    """True state of chunk c (fp32): its segment-local state plus the segment's incoming state
+    seg_in[s] decayed by cdec[c] (log2 decay between the segment boundary and the chunk).
+    TRANS: returned as [BV, BK] instead of [BK, BV]."""
+    if TRANS:
+        off = (o_k[None, :] * V + o_v[:, None])
+        m = m_k[None, :] & m_v[:, None]
+    else:
+        off = (o_k[:, None] * V + o_v[None, :])
+        m = m_k[:, None] & m_v[None, :]
+    b_l = tl.load(local + (c * H + i_h) * K * V + off, mask=m, other=0).to(tl.float32)
+    b_s = tl.load(seg_in + (s * H + i_h) * K * V + off, mask=m, other=0)
+    if GATE == 1:
+        b_s = b_s * tl.exp2(tl.load(cdec + c * H + i_h))
+    elif GATE == 2:
+        b_d = tl.exp2(tl.load(cdec + (c * H + i_h) * K + o_k, mask=m_k, other=0))
+        if TRANS:
+            b_s = b_s * b_d[None, :]
+        else:
+            b_s = b_s * b_d[:, None]
+    return b_l + b_s
+
+
+@triton.jit
+def _row(x4, sel):
+    """Row `sel` ([1, BC, 1] mask) of every block of x4 [NB, BC, D] -> [NB, D]."""
+    return tl.sum(tl.where(sel, x4, 0.0), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# state pass and scan
+
+@triton.jit
+def _state_pass_kernel(x, y, g, states, seg_state, seg_decay, chunk_decay,
+                       chunk_start, chunk_end, seg_first, seg_count, scale, H,
+                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       C: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr, STORE: tl.constexpr,
+                       DOT: tl.constexpr):
+    """Forward (x=k, y=v): S <- D S + (x * exp2(G_last - G))^T y, storing S before each chunk.
+    REVERSE (x=q, y=do, chunks last to first): dS <- D dS + scale (x * exp2(G))^T y, storing dS
+    after each chunk. Started from zero at the segment boundary; also stores the segment's local
+    result, its total log2 decay, and each stored state's log2 decay to the segment boundary."""
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_t = tl.arange(0, C)
+    c_first = tl.load(seg_first + i_s).to(tl.int64)
+    n_c = tl.load(seg_count + i_s)
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    b_acc = tl.zeros([BK], dtype=tl.float32)  # log2 decay from the boundary (one value for GATE 1)
+    for step in range(0, n_c):
+        if REVERSE:
+            c = c_first + (n_c - 1 - step)
+        else:
+            c = c_first + step
+        t0 = tl.load(chunk_start + c).to(tl.int64)
+        t1 = tl.load(chunk_end + c).to(tl.int64)
+        rows = t0 + o_t
+        m_t = rows < t1
+        if STORE:
+            p = states + (c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+            tl.store(p, b_S.to(states.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+            if GATE == 1:
+                if i_kv == 0:
+                    tl.store(chunk_decay + c * H + i_h, tl.max(b_acc, 0))
+            elif GATE == 2:
+                if i_v == 0:
+                    tl.store(chunk_decay + (c * H + i_h) * K + o_k, b_acc, mask=m_k)
+        b_xt = _tile_t(x, rows, m_t, i_h, H, K, o_k, m_k)
+        b_y = _tile(y, rows, m_t, i_h, H, V, o_v, m_v)
+        if GATE == 0:
+            b_S += scale * tl.dot(b_xt, b_y, input_precision=DOT)
+        elif GATE == 1:
+            b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+            if REVERSE:
+                b_w = tl.exp2(b_G)
+            else:
+                b_w = tl.exp2(b_Gl - b_G)
+            b_xw = (b_xt * b_w[None, :]).to(b_xt.dtype)
+            b_S = b_S * tl.exp2(b_Gl) + scale * tl.dot(b_xw, b_y, input_precision=DOT)
+            b_acc += b_Gl
+        else:
+            b_Gt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_Gl = tl.sum(tl.where(o_t[None, :] == C - 1, b_Gt, 0.0), 1)
+            if REVERSE:
+                b_w = tl.exp2(b_Gt)
+            else:
+                b_w = tl.exp2(b_Gl[:, None] - b_Gt)
+            b_xw = (b_xt * b_w).to(b_xt.dtype)
+            b_S = b_S * tl.exp2(b_Gl)[:, None] + scale * tl.dot(b_xw, b_y, input_precision=DOT)
+            b_acc += b_Gl
+    p = seg_state + (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p, b_S, mask=m_k[:, None] & m_v[None, :])
+    if GATE == 1:
+        if i_kv == 0:
+            tl.store(seg_decay + i_s * H + i_h, tl.max(b_acc, 0))
+    elif GATE == 2:
+        if i_v == 0:
+            tl.store(seg_decay + (i_s * H + i_h) * K + o_k, b_acc, mask=m_k)
+
+
+@triton.jit
+def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, H,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 GATE: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_IN: tl.constexpr):
+    """Per sequence: carry <- D_s carry + local_s over its segments (last to first if REVERSE),
+    storing the carry entering each segment; starts from h0 and ends in h_out."""
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    off = o_k[:, None] * V + o_v[None, :]
+    m = m_k[:, None] & m_v[None, :]
+    s_first = tl.load(seq_first + i_n).to(tl.int64)
+    n_s = tl.load(seq_count + i_n)
+    if HAS_H0:
+        b_c = tl.load(h0 + (i_n * H + i_h) * K * V + off, mask=m, other=0).to(tl.float32)
+    else:
+        b_c = tl.zeros([BK, BV], dtype=tl.float32)
+    for step in range(0, n_s):
+        if REVERSE:
+            s = s_first + (n_s - 1 - step)
+        else:
+            s = s_first + step
+        if STORE_IN:
+            tl.store(seg_in + (s * H + i_h) * K * V + off, b_c, mask=m)
+        if GATE == 1:
+            b_c = b_c * tl.exp2(tl.load(seg_decay + s * H + i_h))
+        elif GATE == 2:
+            b_c = b_c * tl.exp2(tl.load(seg_decay + (s * H + i_h) * K + o_k, mask=m_k, other=0))[:, None]
+        b_c += tl.load(seg_state + (s * H + i_h) * K * V + off, mask=m, other=0)
+    tl.store(h_out + (i_n * H + i_h) * K * V + off, b_c, mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunk-parallel passes
+
+@triton.jit
+def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk_end, chunk_seg, scale, H,
+                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                  BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+    """o = scale * ((q * exp2(G)) h + sum_{j<=i} A_ij v_j) for one chunk, head and V tile."""
+    i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    NB: tl.constexpr = C // BC
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    t1 = tl.load(chunk_end + i_c).to(tl.int64)
+    s = tl.load(chunk_seg + i_c).to(tl.int64)
+    o_t = tl.arange(0, C)
+    rows = t0 + o_t
+    m_t = rows < t1
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
+    dt = b_v.dtype
+    causal = o_t[:, None] >= o_t[None, :]
+    b_o = tl.zeros([C, BV], dtype=tl.float32)
+    b_A = tl.zeros([C, C], dtype=tl.float32)
+    if GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+    if GATE == 2:
+        o_l = tl.arange(0, BC)
+        b_o4 = tl.zeros([NB, BC, BV], dtype=tl.float32)
+        b_v4 = tl.reshape(b_v.to(tl.float32), (NB, BC, BV))
+    for i_k in tl.static_range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = _tile(q, rows, m_t, i_h, H, K, o_k, m_k)
+        b_kt = _tile_t(k, rows, m_t, i_h, H, K, o_k, m_k)
+        b_h = _state(states, chunk_decay, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, False)
+        if GATE == 0:
+            b_qh = b_q
+            b_A += tl.dot(b_q, b_kt, input_precision=DOT)
+        elif GATE == 1:
+            b_qh = (b_q * tl.exp2(b_G)[:, None]).to(dt)
+            b_A += tl.dot(b_q, b_kt, input_precision=DOT)
+        else:
+            b_Gq, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_Gkt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_qh = (b_q * tl.exp2(b_Gq)).to(dt)
+            # pairs in different blocks: reference G_r = first row of the query's block
+            for b in tl.static_range(1, NB):
+                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+                before = o_t < b * BC
+                b_r = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gkt, 0.0), 1)  # [BK]
+                b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0)), 0.0)
+                b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_r[:, None] - b_Gkt, 0.0)), 0.0)
+                b_A += tl.dot(b_qb.to(dt), b_kb.to(dt), input_precision=DOT)
+            # pairs inside a block, element by element: column l of every block at once
+            b_q4 = tl.reshape(b_q.to(tl.float32), (NB, BC, BK))
+            b_G4 = tl.reshape(b_Gq, (NB, BC, BK))
+            b_k4 = tl.reshape(_tile(k, rows, m_t, i_h, H, K, o_k, m_k).to(tl.float32), (NB, BC, BK))
+            for l in range(BC):
+                sel = o_l[None, :, None] == l
+                b_kl = _row(b_k4, sel)
+                b_Gj = _row(b_G4, sel)
+                b_e = tl.exp2(tl.where(o_l[None, :, None] >= l, b_G4 - b_Gj[:, None, :], float("-inf")))
+                b_a = tl.sum(b_q4 * b_kl[:, None, :] * b_e, 2)  # [NB, BC]: A_il for i in l's block
+                b_o4 += b_a[:, :, None] * _row(b_v4, sel)[:, None, :]
+        b_o += tl.dot(b_qh, b_h.to(dt), input_precision=DOT)
+    if GATE == 0:
+        b_A = tl.where(causal, b_A, 0.0)
+    elif GATE == 1:
+        b_A = b_A * tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_o += tl.dot(b_A.to(dt), b_v, input_precision=DOT)
+    if GATE == 2:
+        b_o += tl.reshape(b_o4, (C, BV))
+    p = o + (rows[:, None] * H + i_h) * V + o_v[None, :]
+    tl.store(p, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
+                    chunk_start, chunk_end, chunk_seg, scale, H, T_all,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+    """dq, dk (and dg) of one chunk, head and K tile.
+    dq_i = scale exp2(G_i) (h do_i) + sum_{j<=i} dA_ij exp2(G_i - G_j) k_j
+    dk_j = exp2(G_l - G_j) (dh v_j) + sum_{i>=j} dA_ij exp2(G_i - G_j) q_i,   dA = scale do v^T."""
+    i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    NB: tl.constexpr = C // BC
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    t1 = tl.load(chunk_end + i_c).to(tl.int64)
+    s = tl.load(chunk_seg + i_c).to(tl.int64)
+    o_t = tl.arange(0, C)
+    rows = t0 + o_t
+    m_t = rows < t1
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_q = _tile(q, rows, m_t, i_h, H, K, o_k, m_k)
+    b_k = _tile(k, rows, m_t, i_h, H, K, o_k, m_k)
+    dt = b_q.dtype
+    b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    b_dA = tl.zeros([C, C], dtype=tl.float32)
+    b_dAt = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in tl.static_range(NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
+        b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
+        b_dot = _tile_t(do, rows, m_t, i_h, H, V, o_v, m_v)
+        b_vt = _tile_t(v, rows, m_t, i_h, H, V, o_v, m_v)
+        b_ht = _state(states, cdec_f, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, True)
+        b_dht = _state(dstates, cdec_r, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, True)
+        b_dq += tl.dot(b_do, b_ht.to(dt), input_precision=DOT)
+        b_dk += tl.dot(b_v, b_dht.to(dt), input_precision=DOT)
+        b_hdh += tl.sum(b_ht * b_dht, 0)
+        b_dA += tl.dot(b_do, b_vt, input_precision=DOT)
+        b_dAt += tl.dot(b_v, b_dot, input_precision=DOT)
+    b_dA = b_dA * scale
+    b_dAt = b_dAt * scale
+    causal = o_t[:, None] >= o_t[None, :]
+    upper = o_t[:, None] <= o_t[None, :]  # dA^T[j, i] lives at j <= i
+    if GATE == 0:
+        b_dq = b_dq * scale
+        b_dq += tl.dot(tl.where(causal, b_dA, 0.0).to(dt), b_k, input_precision=DOT)
+        b_dk += tl.dot(tl.where(upper, b_dAt, 0.0).to(dt), b_q, input_precision=DOT)
+    elif GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+        b_dq = b_dq * (scale * tl.exp2(b_G))[:, None]
+        b_dk = b_dk * tl.exp2(b_Gl - b_G)[:, None]
+        b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
+        b_M = tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        b_Mt = tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
+        b_dq += tl.dot((b_dA * b_M).to(dt), b_k, input_precision=DOT)
+        b_dk += tl.dot((b_dAt * b_Mt).to(dt), b_q, input_precision=DOT)
+    else:
+        b_Gq, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
+        b_dq = b_dq * scale * tl.exp2(b_Gq)
+        b_dk = b_dk * tl.exp2(b_Gl[None, :] - b_Gq)
+        b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
+        # pairs in different blocks, reference G_r = first row of block b (the later token's block)
+        for b in tl.static_range(1, NB):
+            in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+            before = o_t < b * BC
+            b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gq, 0.0), 0)
+            e_in = tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0))
+            e_before = tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gq, 0.0))
+            b_kb = tl.where(before[:, None], b_k * e_before, 0.0).to(dt)
+            b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
+            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dA.to(dt), b_kb, input_precision=DOT)
+            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAt.to(dt), b_qb, input_precision=DOT)
+        # pairs inside a block
+        o_l = tl.arange(0, BC)
+        o_b = tl.arange(0, NB)
+        b_dA4 = tl.reshape(b_dA, (NB, BC, NB, BC))
+        b_dAd = tl.sum(tl.where(o_b[:, None, None, None] == o_b[None, None, :, None], b_dA4, 0.0), 2)  # [NB,BC,BC]
+        b_q4 = tl.reshape(b_q.to(tl.float32), (NB, BC, BK))
+        b_k4 = tl.reshape(b_k.to(tl.float32), (NB, BC, BK))
+        b_G4 = tl.reshape(b_Gq, (NB, BC, BK))
+        b_dq4 = tl.zeros([NB, BC, BK], dtype=tl.float32)
+        b_dk4 = tl.zeros([NB, BC, BK], dtype=tl.float32)
+        for l in range(BC):
+            sel = o_l[None, :, None] == l
+            b_Gl4 = _row(b_G4, sel)
+            b_col = tl.sum(tl.where(o_l[None, None, :] == l, b_dAd, 0.0), 2)  # dA_{i,l}, [NB, BC(i)]
+            b_rowl = tl.sum(tl.where(o_l[None, :, None] == l, b_dAd, 0.0), 1)  # dA_{l,j}, [NB, BC(j)]
+            e_q = tl.exp2(tl.where(o_l[None, :, None] >= l, b_G4 - b_Gl4[:, None, :], float("-inf")))
+            e_k = tl.exp2(tl.where(o_l[None, :, None] <= l, b_Gl4[:, None, :] - b_G4, float("-inf")))
+            b_dq4 += b_col[:, :, None] * _row(b_k4, sel)[:, None, :] * e_q
+            b_dk4 += b_rowl[:, :, None] * _row(b_q4, sel)[:, None, :] * e_k
+        b_dq += tl.reshape(b_dq4, (C, BK))
+        b_dk += tl.reshape(b_dk4, (C, BK))
+    m = m_t[:, None] & m_k[None, :]
+    tl.store(dq + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m)
+    tl.store(dk + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
+    if GATE > 0:
+        b_dG = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+        if GATE == 1:
+            b_dG = tl.sum(b_dG, 1)
+            b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG + tl.sum(b_bnd, 0)
+            tl.store(dg + (i_k * T_all + rows) * H + i_h, b_dg, mask=m_t)
+        else:
+            b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG + b_bnd[None, :]
+            tl.store(dg + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dg.to(dg.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chunk_end, chunk_seg, scale, H,
+                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+    """dv_j = (k_j * exp2(G_l - G_j)) dh + scale sum_{i>=j} A_ij do_i for one chunk, head and V tile."""
+    i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = triton.cdiv(K, BK)
+    NB: tl.constexpr = C // BC
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    t1 = tl.load(chunk_end + i_c).to(tl.int64)
+    s = tl.load(chunk_seg + i_c).to(tl.int64)
+    o_t = tl.arange(0, C)
+    rows = t0 + o_t
+    m_t = rows < t1
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
+    dt = b_do.dtype
+    upper = o_t[:, None] <= o_t[None, :]  # A^T[j, i] lives at j <= i
+    b_dv = tl.zeros([C, BV], dtype=tl.float32)
+    b_At = tl.zeros([C, C], dtype=tl.float32)
+    if GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+    if GATE == 2:
+        o_l = tl.arange(0, BC)
+        b_dv4 = tl.zeros([NB, BC, BV], dtype=tl.float32)
+        b_do4 = tl.reshape(b_do.to(tl.float32), (NB, BC, BV))
+    for i_k in tl.static_range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = _tile(k, rows, m_t, i_h, H, K, o_k, m_k)
+        b_qt = _tile_t(q, rows, m_t, i_h, H, K, o_k, m_k)
+        b_dh = _state(dstates, cdec_r, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, False)
+        if GATE == 0:
+            b_kw = b_k
+            b_At += tl.dot(b_k, b_qt, input_precision=DOT)
+        elif GATE == 1:
+            b_kw = (b_k * tl.exp2(b_Gl - b_G)[:, None]).to(dt)
+            b_At += tl.dot(b_k, b_qt, input_precision=DOT)
+        else:
+            b_Gk, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_Gqt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_kw = (b_k * tl.exp2(b_Gl[None, :] - b_Gk)).to(dt)
+            for b in tl.static_range(1, NB):
+                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+                before = o_t < b * BC
+                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gk, 0.0), 0)  # [BK]
+                b_kb = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gk, 0.0)), 0.0)
+                b_qb = tl.where(in_b[None, :], b_qt * tl.exp2(tl.where(in_b[None, :], b_Gqt - b_r[:, None], 0.0)), 0.0)
+                b_At += tl.dot(b_kb.to(dt), b_qb.to(dt), input_precision=DOT)
+            b_q4 = tl.reshape(_tile(q, rows, m_t, i_h, H, K, o_k, m_k).to(tl.float32), (NB, BC, BK))
+            b_k4 = tl.reshape(b_k.to(tl.float32), (NB, BC, BK))
+            b_G4 = tl.reshape(b_Gk, (NB, BC, BK))
+            for l in range(BC):
+                sel = o_l[None, :, None] == l
+                b_Gi = _row(b_G4, sel)
+                b_e = tl.exp2(tl.where(o_l[None, :, None] <= l, b_Gi[:, None, :] - b_G4, float("-inf")))
+                b_a = tl.sum(_row(b_q4, sel)[:, None, :] * b_k4 * b_e, 2)  # A_lj, [NB, BC(j)]
+                b_dv4 += b_a[:, :, None] * _row(b_do4, sel)[:, None, :]
+        b_dv += tl.dot(b_kw, b_dh.to(dt), input_precision=DOT)
+    if GATE == 0:
+        b_At = tl.where(upper, b_At, 0.0)
+    elif GATE == 1:
+        b_At = b_At * tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
+    b_dv += scale * tl.dot(b_At.to(dt), b_do, input_precision=DOT)
+    if GATE == 2:
+        b_dv += scale * tl.reshape(b_dv4, (C, BV))
+    tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+class _Setup:
+    """Shapes, tile sizes and the chunk/segment plan of one call."""
+
+    def __init__(self, call: Call, segment_chunks: int | None):
+        check_supported(call)
+        self.q, self.k, self.v = (x.contiguous() for x in (call.q, call.k, call.v))
+        self.g = call.g.contiguous() if call.g is not None else None
+        self.gate = 0 if call.g is None else (1 if call.g.dim() == 3 else 2)
+        self.scale = call.scale
+        B, T, self.H, self.K = self.q.shape
+        self.V = self.v.shape[-1]
+        self.rows = B * T
+        self.dev = self.q.device
+        self.dot = "ieee" if self.q.dtype == torch.float32 else "tf32"
+        # bf16 states hold what the bf16 matrix products use anyway; fp16 would overflow
+        self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
+        self.bk, self.bv = tile(self.K, 64), tile(self.V, 64)
+        n_tiles = self.H * triton.cdiv(self.K, self.bk) * triton.cdiv(self.V, self.bv)
+        bounds = sequence_bounds(B, T, call.cu_seqlens)
+        if segment_chunks is None:
+            total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
+            segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
+        self.plan: Plan = make_plan(bounds, self.dev, CHUNK, segment_chunks)
+
+    def empty(self, *shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device=self.dev)
+
+    def decay_shape(self, n):
+        return (n, self.H) if self.gate == 1 else (n, self.H, self.K)
+
+    def state_pass(self, x, y, reverse: bool, store: bool):
+        """(states per chunk, their log2 decays to the segment boundary, segment-local states,
+        segment log2 decays); the first two only if store."""
+        p, H, K, V = self.plan, self.H, self.K, self.V
+        states = self.empty(p.n_chunks, H, K, V, dtype=self.state_dtype) if store else self.empty(1)
+        cdec = self.empty(*self.decay_shape(p.n_chunks)) if store and self.gate else self.empty(1)
+        seg_state = self.empty(p.n_segs, H, K, V)
+        seg_dec = self.empty(*self.decay_shape(p.n_segs)) if self.gate else self.empty(1)
+        grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_segs, H)
+        _state_pass_kernel[grid](
+            x, y, self.g if self.g is not None else x, states, seg_state, seg_dec, cdec,
+            p.chunk_start, p.chunk_end, p.seg_first, p.seg_count, self.scale if reverse else 1.0, H,
+            K=K, V=V, BK=self.bk, BV=self.bv, C=CHUNK, GATE=self.gate, REVERSE=reverse, STORE=store,
+            DOT=self.dot, num_warps=4)
+        return states, cdec, seg_state, seg_dec
+
+    def scan(self, seg_state, seg_dec, start, reverse: bool, store_in: bool):
+        """(state entering every segment in the scan's direction, or None; the carry at the end)."""
+        p, H, K, V = self.plan, self.H, self.K, self.V
+        seg_in = self.empty(p.n_segs, H, K, V) if store_in else self.empty(1)
+        out = self.empty(p.n_seqs, H, K, V)
+        start = start.to(torch.float32).contiguous() if start is not None else None
+        grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_seqs, H)
+        _scan_kernel[grid](
+            seg_state, seg_dec, start if start is not None else out, seg_in, out, p.seq_first, p.seq_count, H,
+            K=K, V=V, BK=self.bk, BV=self.bv, GATE=self.gate, REVERSE=reverse, HAS_H0=start is not None,
+            STORE_IN=store_in, num_warps=4)
+        return (seg_in if store_in else None), out
+
+    def forward_states(self, h0):
+        """Chunk states, their decays and every segment's incoming state."""
+        states, cdec, seg_state, seg_dec = self.state_pass(self.k, self.v, reverse=False, store=True)
+        seg_in, ht = self.scan(seg_state, seg_dec, h0, reverse=False, store_in=True)
+        return states, cdec, seg_in, ht
+
+    def backward_states(self, do, dht):
+        dstates, cdec, seg_state, seg_dec = self.state_pass(self.q, do, reverse=True, store=True)
+        seg_dout, dh0 = self.scan(seg_state, seg_dec, dht, reverse=True, store_in=True)
+        return dstates, cdec, seg_dout, dh0
+
+    def chunk_args(self):
+        p = self.plan
+        return p.chunk_start, p.chunk_end, p.chunk_seg
+
+
+def tile(d: int, cap: int) -> int:
+    """Tile width for a head dimension d: a power of two, at least 16 (the matrix-unit minimum)."""
+    return min(max(16, triton.next_power_of_2(d)), cap)
+
+
+def check_supported(call: Call) -> None:
+    from ..variants import InputError
+
+    if call.q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(f"the Triton kernels take bf16, fp16 or fp32 inputs, got {call.q.dtype}; "
+                         "use backend='torch' for float64")
+    K, V = call.q.shape[-1], call.v.shape[-1]
+    if K > 256 or V > 256:
+        raise InputError(f"the Triton kernels support head dimensions up to 256, got K={K}, V={V}; "
+                         "use backend='torch' or split the heads")
+
+
+def forward(call: Call, h0, *, segment_chunks: int | None = None):
+    """(o, ht): outputs in v's dtype and the fp32 final state of every sequence."""
+    st = _Setup(call, segment_chunks)
+    states, cdec, seg_in, ht = st.forward_states(h0)
+    o = torch.empty_like(st.v)
+    bv = tile(st.V, 64)
+    grid = (st.plan.n_chunks, triton.cdiv(st.V, bv), st.H)
+    _fwd_o_kernel[grid](
+        st.q, st.k, st.v, st.g if st.g is not None else st.q, states, cdec, seg_in, o, *st.chunk_args(),
+        st.scale, st.H, K=st.K, V=st.V, BK=tile(st.K, 64), BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate,
+        DOT=st.dot, num_warps=4)
+    return o, ht
+
+
+def final_state(call: Call, h0, *, segment_chunks: int | None = None):
+    """The final states alone: one pass over k, v (and g), no outputs."""
+    st = _Setup(call, segment_chunks)
+    _, _, seg_state, seg_dec = st.state_pass(st.k, st.v, reverse=False, store=False)
+    return st.scan(seg_state, seg_dec, h0, reverse=False, store_in=False)[1]
+
+
+def state_grad(call: Call, do, dht, *, segment_chunks: int | None = None):
+    """d(initial state) alone: one reverse pass over q, do (and g)."""
+    st = _Setup(call, segment_chunks)
+    do = do.to(st.v.dtype).contiguous()
+    _, _, seg_state, seg_dec = st.state_pass(st.q, do, reverse=True, store=False)
+    return st.scan(seg_state, seg_dec, dht, reverse=True, store_in=False)[1]
+
+
+def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> Grads:
+    st = _Setup(call, segment_chunks)
+    do = do.to(st.v.dtype).contiguous()
+    states, cdec_f, seg_in, _ = st.forward_states(h0)
+    dstates, cdec_r, seg_dout, dh0 = st.backward_states(do, dht)
+    H, K, V = st.H, st.K, st.V
+    gate_arg = st.g if st.g is not None else st.q
+    bk = tile(K, 64)
+    nk = triton.cdiv(K, bk)
+    dq, dk, dv = torch.empty_like(st.q), torch.empty_like(st.k), torch.empty_like(st.v)
+    if st.gate == 1:
+        dg = st.empty(nk, *st.g.shape)  # partial sums over K tiles
+    elif st.gate == 2:
+        dg = torch.empty_like(st.g)
+    else:
+        dg = st.empty(1)
+    _bwd_dqk_kernel[(st.plan.n_chunks, nk, H)](
+        st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
+        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=tile(V, 64), C=CHUNK, BC=BLOCK,
+        GATE=st.gate, DOT=st.dot, num_warps=4)
+    bv = tile(V, 64)
+    _bwd_dv_kernel[(st.plan.n_chunks, triton.cdiv(V, bv), H)](
+        st.q, st.k, gate_arg, do, dstates, cdec_r, seg_dout, dv, *st.chunk_args(), st.scale, H,
+        K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate, DOT=st.dot, num_warps=4)
+    if st.gate == 1:
+        dg = dg.sum(0).to(st.g.dtype)
+    elif st.gate == 0:
+        dg = None
+    return Grads(dq, dk, dv, dg, None, dh0)
