@@ -77,12 +77,14 @@ class ExplicitKernel(ABC):
 
 
 class TorchKernel(ExplicitKernel):
-    """The chunked PyTorch reference; backward by autograd on a recomputed forward."""
+    """The chunked PyTorch reference; backward by autograd on a recomputed forward. A subclass
+    with another differentiable `impl` (same arguments) gets the same explicit calls."""
+
+    impl = staticmethod(chunk_reference)
 
     def forward(self, call: Call, h0):
         with torch.no_grad():
-            o, ht = chunk_reference(call.q, call.k, call.v, call.g, call.beta, call.scale, h0, True,
-                                    call.cu_seqlens)
+            o, ht = self.impl(call.q, call.k, call.v, call.g, call.beta, call.scale, h0, True, call.cu_seqlens)
         return o, ht
 
     def _inputs(self, call: Call, h0):
@@ -98,8 +100,8 @@ class TorchKernel(ExplicitKernel):
     def _grad(self, call, h0, do, dht, wanted):
         with torch.enable_grad():
             x = self._inputs(call, h0)
-            o, ht = chunk_reference(x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), call.scale, x["h0"], True,
-                                    call.cu_seqlens)
+            o, ht = self.impl(x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), call.scale, x["h0"], True,
+                              call.cu_seqlens)
             outs, grads = [o], [do]
             if dht is not None:
                 outs.append(ht)

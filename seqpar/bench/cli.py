@@ -5,6 +5,7 @@ import importlib
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "kernels": ("seqpar.bench.kernels", "single-GPU kernel times, ours and fla's, against the device's ceilings"),
 }
 
 
