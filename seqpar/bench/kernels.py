@@ -35,6 +35,8 @@ def configure(parser) -> None:
     parser.add_argument("--backends", nargs="+", default=["triton", "fla"], choices=["triton", "fla", "torch"])
     parser.add_argument("--rep-ms", type=float, default=200.0, help="do_bench's repetition time per measurement")
     parser.add_argument("--output", default="bench_kernels.json", help="JSON file to write")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record each kernel's share of one forward+backward (torch.profiler)")
     parser.set_defaults(func=run)
 
 
@@ -108,7 +110,19 @@ def lift_fla_hopper_guard() -> None:
         pass
 
 
-def time_backend(variant: str, backend: str, x: dict, rep_ms: float) -> dict:
+def kernel_breakdown(fn) -> list[dict]:
+    """Device time of every kernel in one call of fn, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:80], "ms": getattr(e, "device_time_total", 0.0) / 1e3, "calls": e.count}
+            for e in prof.key_averages()]
+    return sorted([r for r in rows if r["ms"] > 0], key=lambda r: -r["ms"])
+
+
+def time_backend(variant: str, backend: str, x: dict, rep_ms: float, profile: bool = False) -> dict:
     """Median ms of forward (no autograd) and forward+backward."""
     import seqpar_kernels as sk
     from triton.testing import do_bench
@@ -134,6 +148,8 @@ def time_backend(variant: str, backend: str, x: dict, rep_ms: float) -> dict:
         fn()  # compile / autotune outside the timing
         torch.cuda.synchronize()
         res[name + "_ms"] = do_bench(fn, warmup=max(25.0, rep_ms / 4), rep=rep_ms, return_mode="median")
+    if profile:
+        res["fwd_bwd_kernels"] = kernel_breakdown(fwd_bwd)
     return res
 
 
@@ -186,7 +202,9 @@ def run(args) -> int:
                     skipped[f"{variant}/{backend}"] = why
                     continue
                 try:
-                    row[backend] = time_backend(variant, backend, x, args.rep_ms)
+                    row[backend] = time_backend(variant, backend, x, args.rep_ms, args.profile)
+                    for r in row[backend].get("fwd_bwd_kernels", [])[:8]:
+                        print(f"    {backend:6s} {r['ms']:8.3f} ms x{r['calls']:<3d} {r['kernel']}")
                 except Exception as e:  # noqa: BLE001 - a failing backend is reported, the rest still run
                     row[backend] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 torch.cuda.empty_cache()

@@ -26,6 +26,9 @@ and dg = reverse cumsum of dG within the chunk, so nothing long-range cancels.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +39,20 @@ from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
 LOG2E = 1.4426950408889634
 CHUNK = 64
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
+
+# (BK, BV, num_warps) of each kernel by gate kind (0 none, 1 per token, 2 per key). BK and BV are
+# caps: smaller head dimensions take their own (power-of-two) width. Per-key gates keep narrow K
+# tiles: their in-block products hold [4, 16, BK] tensors. SEQPAR_GATED_TILES='{"fwd_o:2": [32, 64, 4]}'
+# overrides entries (for tuning runs; every setting used must pass the GPU check).
+TILES = {
+    "state": {0: (64, 64, 4), 1: (64, 64, 4), 2: (64, 64, 4)},
+    "fwd_o": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
+    "dqk": {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 8)},
+    "dv": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
+}
+for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
+    _name, _gate = _key.split(":")
+    TILES[_name][int(_gate)] = tuple(_val)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +119,14 @@ def _state(local, cdec, seg_in, c, s, i_h, H, K: tl.constexpr, V: tl.constexpr, 
 
 
 @triton.jit
+def _block_diagonal(x, NB: tl.constexpr, BC: tl.constexpr):
+    """[NB, BC, BC] blocks -> the [NB*BC, NB*BC] matrix with them on its diagonal."""
+    o_b = tl.arange(0, NB)
+    same = o_b[:, None, None, None] == o_b[None, None, :, None]
+    return tl.reshape(tl.where(same, x[:, :, None, :], 0.0), (NB * BC, NB * BC))
+
+
+@triton.jit
 def _row(x4, sel):
     """Row `sel` ([1, BC, 1] mask) of every block of x4 [NB, BC, D] -> [NB, D]."""
     return tl.sum(tl.where(sel, x4, 0.0), 1)
@@ -121,7 +146,7 @@ def _state_pass_kernel(x, y, g, states, seg_state, seg_decay, chunk_decay,
     after each chunk. Started from zero at the segment boundary; also stores the segment's local
     result, its total log2 decay, and each stored state's log2 decay to the segment boundary."""
     i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     i_k, i_v = i_kv // NV, i_kv % NV
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -190,7 +215,7 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
     """Per sequence: carry <- D_s carry + local_s over its segments (last to first if REVERSE),
     storing the carry entering each segment; starts from h0 and ends in h_out."""
     i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     i_k, i_v = i_kv // NV, i_kv % NV
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -228,7 +253,7 @@ def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk
                   BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
     """o = scale * ((q * exp2(G)) h + sum_{j<=i} A_ij v_j) for one chunk, head and V tile."""
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    NK: tl.constexpr = triton.cdiv(K, BK)
+    NK: tl.constexpr = (K + BK - 1) // BK
     NB: tl.constexpr = C // BC
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     t1 = tl.load(chunk_end + i_c).to(tl.int64)
@@ -247,8 +272,7 @@ def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk
         b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
     if GATE == 2:
         o_l = tl.arange(0, BC)
-        b_o4 = tl.zeros([NB, BC, BV], dtype=tl.float32)
-        b_v4 = tl.reshape(b_v.to(tl.float32), (NB, BC, BV))
+        b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # A inside each block: [block, i, j]
     for i_k in tl.static_range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -283,15 +307,15 @@ def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk
                 b_Gj = _row(b_G4, sel)
                 b_e = tl.exp2(tl.where(o_l[None, :, None] >= l, b_G4 - b_Gj[:, None, :], float("-inf")))
                 b_a = tl.sum(b_q4 * b_kl[:, None, :] * b_e, 2)  # [NB, BC]: A_il for i in l's block
-                b_o4 += b_a[:, :, None] * _row(b_v4, sel)[:, None, :]
+                b_Ad += tl.where(o_l[None, None, :] == l, b_a[:, :, None], 0.0)
         b_o += tl.dot(b_qh, b_h.to(dt), input_precision=DOT)
     if GATE == 0:
         b_A = tl.where(causal, b_A, 0.0)
     elif GATE == 1:
         b_A = b_A * tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    else:
+        b_A += _block_diagonal(b_Ad, NB, BC)
     b_o += tl.dot(b_A.to(dt), b_v, input_precision=DOT)
-    if GATE == 2:
-        b_o += tl.reshape(b_o4, (C, BV))
     p = o + (rows[:, None] * H + i_h) * V + o_v[None, :]
     tl.store(p, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
@@ -305,7 +329,7 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
     dq_i = scale exp2(G_i) (h do_i) + sum_{j<=i} dA_ij exp2(G_i - G_j) k_j
     dk_j = exp2(G_l - G_j) (dh v_j) + sum_{i>=j} dA_ij exp2(G_i - G_j) q_i,   dA = scale do v^T."""
     i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     NB: tl.constexpr = C // BC
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     t1 = tl.load(chunk_end + i_c).to(tl.int64)
@@ -411,7 +435,7 @@ def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chun
                    BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
     """dv_j = (k_j * exp2(G_l - G_j)) dh + scale sum_{i>=j} A_ij do_i for one chunk, head and V tile."""
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    NK: tl.constexpr = triton.cdiv(K, BK)
+    NK: tl.constexpr = (K + BK - 1) // BK
     NB: tl.constexpr = C // BC
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     t1 = tl.load(chunk_end + i_c).to(tl.int64)
@@ -430,8 +454,7 @@ def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chun
         b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
     if GATE == 2:
         o_l = tl.arange(0, BC)
-        b_dv4 = tl.zeros([NB, BC, BV], dtype=tl.float32)
-        b_do4 = tl.reshape(b_do.to(tl.float32), (NB, BC, BV))
+        b_Atd = tl.zeros([NB, BC, BC], dtype=tl.float32)  # A^T inside each block: [block, j, i]
     for i_k in tl.static_range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -463,15 +486,15 @@ def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chun
                 b_Gi = _row(b_G4, sel)
                 b_e = tl.exp2(tl.where(o_l[None, :, None] <= l, b_Gi[:, None, :] - b_G4, float("-inf")))
                 b_a = tl.sum(_row(b_q4, sel)[:, None, :] * b_k4 * b_e, 2)  # A_lj, [NB, BC(j)]
-                b_dv4 += b_a[:, :, None] * _row(b_do4, sel)[:, None, :]
+                b_Atd += tl.where(o_l[None, None, :] == l, b_a[:, :, None], 0.0)
         b_dv += tl.dot(b_kw, b_dh.to(dt), input_precision=DOT)
     if GATE == 0:
         b_At = tl.where(upper, b_At, 0.0)
     elif GATE == 1:
         b_At = b_At * tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
+    else:
+        b_At += _block_diagonal(b_Atd, NB, BC)
     b_dv += scale * tl.dot(b_At.to(dt), b_do, input_precision=DOT)
-    if GATE == 2:
-        b_dv += scale * tl.reshape(b_dv4, (C, BV))
     tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
@@ -495,13 +518,17 @@ class _Setup:
         self.dot = "ieee" if self.q.dtype == torch.float32 else "tf32"
         # bf16 states hold what the bf16 matrix products use anyway; fp16 would overflow
         self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
-        self.bk, self.bv = tile(self.K, 64), tile(self.V, 64)
+        self.bk, self.bv, self.warps = self.tiles("state")
         n_tiles = self.H * triton.cdiv(self.K, self.bk) * triton.cdiv(self.V, self.bv)
         bounds = sequence_bounds(B, T, call.cu_seqlens)
         if segment_chunks is None:
             total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
             segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
         self.plan: Plan = make_plan(bounds, self.dev, CHUNK, segment_chunks)
+
+    def tiles(self, kernel: str) -> tuple[int, int, int]:
+        bk, bv, warps = TILES[kernel][self.gate]
+        return tile(self.K, bk), tile(self.V, bv), warps
 
     def empty(self, *shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device=self.dev)
@@ -522,7 +549,7 @@ class _Setup:
             x, y, self.g if self.g is not None else x, states, seg_state, seg_dec, cdec,
             p.chunk_start, p.chunk_end, p.seg_first, p.seg_count, self.scale if reverse else 1.0, H,
             K=K, V=V, BK=self.bk, BV=self.bv, C=CHUNK, GATE=self.gate, REVERSE=reverse, STORE=store,
-            DOT=self.dot, num_warps=4)
+            DOT=self.dot, num_warps=self.warps)
         return states, cdec, seg_state, seg_dec
 
     def scan(self, seg_state, seg_dec, start, reverse: bool, store_in: bool):
@@ -535,7 +562,7 @@ class _Setup:
         _scan_kernel[grid](
             seg_state, seg_dec, start if start is not None else out, seg_in, out, p.seq_first, p.seq_count, H,
             K=K, V=V, BK=self.bk, BV=self.bv, GATE=self.gate, REVERSE=reverse, HAS_H0=start is not None,
-            STORE_IN=store_in, num_warps=4)
+            STORE_IN=store_in, num_warps=self.warps)
         return (seg_in if store_in else None), out
 
     def forward_states(self, h0):
@@ -576,12 +603,11 @@ def forward(call: Call, h0, *, segment_chunks: int | None = None):
     st = _Setup(call, segment_chunks)
     states, cdec, seg_in, ht = st.forward_states(h0)
     o = torch.empty_like(st.v)
-    bv = tile(st.V, 64)
-    grid = (st.plan.n_chunks, triton.cdiv(st.V, bv), st.H)
-    _fwd_o_kernel[grid](
+    bk, bv, warps = st.tiles("fwd_o")
+    _fwd_o_kernel[(st.plan.n_chunks, triton.cdiv(st.V, bv), st.H)](
         st.q, st.k, st.v, st.g if st.g is not None else st.q, states, cdec, seg_in, o, *st.chunk_args(),
-        st.scale, st.H, K=st.K, V=st.V, BK=tile(st.K, 64), BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate,
-        DOT=st.dot, num_warps=4)
+        st.scale, st.H, K=st.K, V=st.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate, DOT=st.dot,
+        num_warps=warps)
     return o, ht
 
 
@@ -607,7 +633,7 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
     dstates, cdec_r, seg_dout, dh0 = st.backward_states(do, dht)
     H, K, V = st.H, st.K, st.V
     gate_arg = st.g if st.g is not None else st.q
-    bk = tile(K, 64)
+    bk, bv, warps = st.tiles("dqk")
     nk = triton.cdiv(K, bk)
     dq, dk, dv = torch.empty_like(st.q), torch.empty_like(st.k), torch.empty_like(st.v)
     if st.gate == 1:
@@ -618,12 +644,12 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
         dg = st.empty(1)
     _bwd_dqk_kernel[(st.plan.n_chunks, nk, H)](
         st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
-        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=tile(V, 64), C=CHUNK, BC=BLOCK,
-        GATE=st.gate, DOT=st.dot, num_warps=4)
-    bv = tile(V, 64)
+        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK,
+        GATE=st.gate, DOT=st.dot, num_warps=warps)
+    bk, bv, warps = st.tiles("dv")
     _bwd_dv_kernel[(st.plan.n_chunks, triton.cdiv(V, bv), H)](
         st.q, st.k, gate_arg, do, dstates, cdec_r, seg_dout, dv, *st.chunk_args(), st.scale, H,
-        K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate, DOT=st.dot, num_warps=4)
+        K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate, DOT=st.dot, num_warps=warps)
     if st.gate == 1:
         dg = dg.sum(0).to(st.g.dtype)
     elif st.gate == 0:
