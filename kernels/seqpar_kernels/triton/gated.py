@@ -39,6 +39,7 @@ from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
 LOG2E = 1.4426950408889634
 CHUNK = 64
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
+BLOCK_K = 8  # key columns per in-block product of per-key gates ([4, 16, 16, 8] tensors)
 
 # (BK, BV, num_warps) of each kernel by gate kind (0 none, 1 per token, 2 per key). BK and BV are
 # caps: smaller head dimensions take their own (power-of-two) width. Per-key gates keep narrow K
@@ -47,7 +48,7 @@ BLOCK = 16  # sub-chunk of the per-key intra-chunk products
 TILES = {
     "state": {0: (64, 64, 4), 1: (64, 64, 4), 2: (64, 64, 4)},
     "fwd_o": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
-    "dqk": {0: (64, 64, 4), 1: (64, 64, 4), 2: (32, 64, 8)},
+    "dqk": {0: (64, 64, 8), 1: (64, 64, 8), 2: (32, 64, 8)},
     "dv": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
@@ -94,28 +95,31 @@ def _tile_t(x, rows, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
 
 
 @triton.jit
-def _state(local, cdec, seg_in, c, s, i_h, H, K: tl.constexpr, V: tl.constexpr, o_k, m_k, o_v, m_v,
-           GATE: tl.constexpr, TRANS: tl.constexpr):
-    """True state of chunk c (fp32): its segment-local state plus the segment's incoming state
-    seg_in[s] decayed by cdec[c] (log2 decay between the segment boundary and the chunk).
-    TRANS: returned as [BV, BK] instead of [BK, BV]."""
+def _state_tiles(local, seg_in, c, s, i_h, H, K: tl.constexpr, V: tl.constexpr, o_k, m_k, o_v, m_v,
+                 TRANS: tl.constexpr):
+    """Chunk c's segment-local state and its segment's incoming state, as stored: [BK, BV] each,
+    or [BV, BK] if TRANS. The chunk's true state is local + decay_to_chunk * incoming."""
     if TRANS:
-        off = (o_k[None, :] * V + o_v[:, None])
+        off = o_k[None, :] * V + o_v[:, None]
         m = m_k[None, :] & m_v[:, None]
     else:
-        off = (o_k[:, None] * V + o_v[None, :])
+        off = o_k[:, None] * V + o_v[None, :]
         m = m_k[:, None] & m_v[None, :]
-    b_l = tl.load(local + (c * H + i_h) * K * V + off, mask=m, other=0).to(tl.float32)
+    b_l = tl.load(local + (c * H + i_h) * K * V + off, mask=m, other=0)
     b_s = tl.load(seg_in + (s * H + i_h) * K * V + off, mask=m, other=0)
+    return b_l, b_s
+
+
+@triton.jit
+def _decay_to_chunk(cdec, c, i_h, H, K: tl.constexpr, o_k, m_k, GATE: tl.constexpr):
+    """exp2 of the log2 decay between the segment boundary and chunk c: 1 (GATE 0), a scalar
+    (GATE 1) or one value per key [BK] (GATE 2)."""
     if GATE == 1:
-        b_s = b_s * tl.exp2(tl.load(cdec + c * H + i_h))
+        return tl.exp2(tl.load(cdec + c * H + i_h))
     elif GATE == 2:
-        b_d = tl.exp2(tl.load(cdec + (c * H + i_h) * K + o_k, mask=m_k, other=0))
-        if TRANS:
-            b_s = b_s * b_d[None, :]
-        else:
-            b_s = b_s * b_d[:, None]
-    return b_l + b_s
+        return tl.exp2(tl.load(cdec + (c * H + i_h) * K + o_k, mask=m_k, other=0))
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -127,9 +131,44 @@ def _block_diagonal(x, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _row(x4, sel):
-    """Row `sel` ([1, BC, 1] mask) of every block of x4 [NB, BC, D] -> [NB, D]."""
-    return tl.sum(tl.where(sel, x4, 0.0), 1)
+def _block_tile(x, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
+                ON_AXIS1: tl.constexpr):
+    """x (fp32) and the within-block cumulative log2 gate of the BC-row blocks of a chunk, for
+    columns o_k: shaped [NB, BC, 1, BKD] (rows on axis 1) or [NB, 1, BC, BKD] (rows on axis 2).
+    Inside one block G_i - G_j needs no offset from earlier blocks."""
+    o_b = tl.arange(0, NB)
+    o_l = tl.arange(0, BC)
+    if ON_AXIS1:
+        rows = t0 + (o_b[:, None, None, None] * BC + o_l[None, :, None, None])
+    else:
+        rows = t0 + (o_b[:, None, None, None] * BC + o_l[None, None, :, None])
+    m = (rows < t1) & m_k[None, None, None, :]
+    off = (rows * H + i_h) * K + o_k[None, None, None, :]
+    b_x = tl.load(x + off, mask=m, other=0).to(tl.float32)
+    b_g = tl.load(g + off, mask=m, other=0).to(tl.float32) * 1.4426950408889634
+    if ON_AXIS1:
+        b_G = tl.cumsum(b_g, 1)
+    else:
+        b_G = tl.cumsum(b_g, 2)
+    return b_x, b_G
+
+
+@triton.jit
+def _intra_block(a, b, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
+                 A_LATER: tl.constexpr):
+    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_later,k - G_earlier,k) over the pairs of one block whose
+    later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. A_LATER:
+    a holds the later token (a=q, b=k gives A's diagonal blocks), else b does (a=k, b=q: A^T's)."""
+    b_a, b_Ga = _block_tile(a, g, t0, t1, i_h, H, K, o_k, m_k, NB, BC, True)
+    b_b, b_Gb = _block_tile(b, g, t0, t1, i_h, H, K, o_k, m_k, NB, BC, False)
+    o_l = tl.arange(0, BC)
+    r = o_l[None, :, None, None]
+    c = o_l[None, None, :, None]
+    if A_LATER:
+        b_e = tl.where(r >= c, b_Ga - b_Gb, float("-inf"))
+    else:
+        b_e = tl.where(c >= r, b_Gb - b_Ga, float("-inf"))
+    return tl.sum(b_a * b_b * tl.exp2(b_e), 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +274,7 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
         else:
             s = s_first + step
         if STORE_IN:
-            tl.store(seg_in + (s * H + i_h) * K * V + off, b_c, mask=m)
+            tl.store(seg_in + (s * H + i_h) * K * V + off, b_c.to(seg_in.dtype.element_ty), mask=m)
         if GATE == 1:
             b_c = b_c * tl.exp2(tl.load(seg_decay + s * H + i_h))
         elif GATE == 2:
@@ -250,8 +289,9 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
 @triton.jit
 def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk_end, chunk_seg, scale, H,
                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                  BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
-    """o = scale * ((q * exp2(G)) h + sum_{j<=i} A_ij v_j) for one chunk, head and V tile."""
+                  BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+    """o = scale * ((q * exp2(G)) h + sum_{j<=i} A_ij v_j) for one chunk, head and V tile, with
+    h = local + d * incoming (d: decay from the segment start to the chunk)."""
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
     NB: tl.constexpr = C // BC
@@ -263,32 +303,30 @@ def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk
     m_t = rows < t1
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
-    dt = b_v.dtype
+    dt = q.dtype.element_ty
     causal = o_t[:, None] >= o_t[None, :]
     b_o = tl.zeros([C, BV], dtype=tl.float32)
+    b_os = tl.zeros([C, BV], dtype=tl.float32)  # q times the incoming state (scalar gates)
     b_A = tl.zeros([C, C], dtype=tl.float32)
-    if GATE == 1:
-        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
-    if GATE == 2:
-        o_l = tl.arange(0, BC)
-        b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # A inside each block: [block, i, j]
-    for i_k in tl.static_range(NK):
+    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A inside each block
+    for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_q = _tile(q, rows, m_t, i_h, H, K, o_k, m_k)
         b_kt = _tile_t(k, rows, m_t, i_h, H, K, o_k, m_k)
-        b_h = _state(states, chunk_decay, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, False)
-        if GATE == 0:
-            b_qh = b_q
-            b_A += tl.dot(b_q, b_kt, input_precision=DOT)
-        elif GATE == 1:
-            b_qh = (b_q * tl.exp2(b_G)[:, None]).to(dt)
-            b_A += tl.dot(b_q, b_kt, input_precision=DOT)
+        b_h, b_s = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
+        if GATE < 2:
+            # the scalar gate factors out of the products: applied once after the loop
+            b_o = tl.dot(b_q, b_h.to(dt), b_o, input_precision=DOT)
+            b_os = tl.dot(b_q, b_s.to(dt), b_os, input_precision=DOT)
+            b_A = tl.dot(b_q, b_kt, b_A, input_precision=DOT)
         else:
             b_Gq, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
             b_Gkt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_qh = (b_q * tl.exp2(b_Gq)).to(dt)
+            b_qg = b_q * tl.exp2(b_Gq)
+            b_d = _decay_to_chunk(chunk_decay, i_c, i_h, H, K, o_k, m_k, GATE)
+            b_o = tl.dot(b_qg.to(dt), b_h.to(dt), b_o, input_precision=DOT)
+            b_o = tl.dot((b_qg * b_d[None, :]).to(dt), b_s.to(dt), b_o, input_precision=DOT)
             # pairs in different blocks: reference G_r = first row of the query's block
             for b in tl.static_range(1, NB):
                 in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
@@ -296,35 +334,32 @@ def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk
                 b_r = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gkt, 0.0), 1)  # [BK]
                 b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0)), 0.0)
                 b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_r[:, None] - b_Gkt, 0.0)), 0.0)
-                b_A += tl.dot(b_qb.to(dt), b_kb.to(dt), input_precision=DOT)
-            # pairs inside a block, element by element: column l of every block at once
-            b_q4 = tl.reshape(b_q.to(tl.float32), (NB, BC, BK))
-            b_G4 = tl.reshape(b_Gq, (NB, BC, BK))
-            b_k4 = tl.reshape(_tile(k, rows, m_t, i_h, H, K, o_k, m_k).to(tl.float32), (NB, BC, BK))
-            for l in range(BC):
-                sel = o_l[None, :, None] == l
-                b_kl = _row(b_k4, sel)
-                b_Gj = _row(b_G4, sel)
-                b_e = tl.exp2(tl.where(o_l[None, :, None] >= l, b_G4 - b_Gj[:, None, :], float("-inf")))
-                b_a = tl.sum(b_q4 * b_kl[:, None, :] * b_e, 2)  # [NB, BC]: A_il for i in l's block
-                b_Ad += tl.where(o_l[None, None, :] == l, b_a[:, :, None], 0.0)
-        b_o += tl.dot(b_qh, b_h.to(dt), input_precision=DOT)
+                b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
+            # pairs inside a block, element by element, BKD key columns at a time
+            for p in tl.static_range(BK // BKD):
+                o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
+                b_Ad += _intra_block(q, k, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
+    b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
     if GATE == 0:
+        b_o += b_os
         b_A = tl.where(causal, b_A, 0.0)
     elif GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+        b_d = _decay_to_chunk(chunk_decay, i_c, i_h, H, K, o_t, m_t, GATE)
+        b_o = (b_o + b_d * b_os) * tl.exp2(b_G)[:, None]
         b_A = b_A * tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     else:
         b_A += _block_diagonal(b_Ad, NB, BC)
-    b_o += tl.dot(b_A.to(dt), b_v, input_precision=DOT)
-    p = o + (rows[:, None] * H + i_h) * V + o_v[None, :]
-    tl.store(p, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    b_o = tl.dot(b_A.to(dt), b_v, b_o, input_precision=DOT)
+    p_o = o + (rows[:, None] * H + i_h) * V + o_v[None, :]
+    tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
                     chunk_start, chunk_end, chunk_seg, scale, H, T_all,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                    BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+                    BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
     """dq, dk (and dg) of one chunk, head and K tile.
     dq_i = scale exp2(G_i) (h do_i) + sum_{j<=i} dA_ij exp2(G_i - G_j) k_j
     dk_j = exp2(G_l - G_j) (dh v_j) + sum_{i>=j} dA_ij exp2(G_i - G_j) q_i,   dA = scale do v^T."""
@@ -339,36 +374,53 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
     m_t = rows < t1
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
+    dt = q.dtype.element_ty
     b_q = _tile(q, rows, m_t, i_h, H, K, o_k, m_k)
     b_k = _tile(k, rows, m_t, i_h, H, K, o_k, m_k)
-    dt = b_q.dtype
+    b_a = _decay_to_chunk(cdec_f, i_c, i_h, H, K, o_k, m_k, GATE)  # true h = local + b_a * incoming
+    b_b = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_k, m_k, GATE)  # true dh likewise
     b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dqs = tl.zeros([C, BK], dtype=tl.float32)
     b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    b_dks = tl.zeros([C, BK], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     b_dA = tl.zeros([C, C], dtype=tl.float32)
     b_dAt = tl.zeros([C, C], dtype=tl.float32)
-    for i_v in tl.static_range(NV):
+    for i_v in range(NV):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
         b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
         b_dot = _tile_t(do, rows, m_t, i_h, H, V, o_v, m_v)
         b_vt = _tile_t(v, rows, m_t, i_h, H, V, o_v, m_v)
-        b_ht = _state(states, cdec_f, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, True)
-        b_dht = _state(dstates, cdec_r, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, True)
-        b_dq += tl.dot(b_do, b_ht.to(dt), input_precision=DOT)
-        b_dk += tl.dot(b_v, b_dht.to(dt), input_precision=DOT)
-        b_hdh += tl.sum(b_ht * b_dht, 0)
-        b_dA += tl.dot(b_do, b_vt, input_precision=DOT)
-        b_dAt += tl.dot(b_v, b_dot, input_precision=DOT)
+        b_hl, b_hs = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
+        b_dhl, b_dhs = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
+        b_dq = tl.dot(b_do, b_hl.to(dt), b_dq, input_precision=DOT)
+        b_dqs = tl.dot(b_do, b_hs.to(dt), b_dqs, input_precision=DOT)
+        b_dk = tl.dot(b_v, b_dhl.to(dt), b_dk, input_precision=DOT)
+        b_dks = tl.dot(b_v, b_dhs.to(dt), b_dks, input_precision=DOT)
+        b_dA = tl.dot(b_do, b_vt, b_dA, input_precision=DOT)
+        b_dAt = tl.dot(b_v, b_dot, b_dAt, input_precision=DOT)
+        if GATE == 1:
+            b_hdh += tl.sum((b_hl.to(tl.float32) + b_a * b_hs.to(tl.float32)) *
+                            (b_dhl.to(tl.float32) + b_b * b_dhs.to(tl.float32)), 0)
+        elif GATE == 2:
+            b_hdh += tl.sum((b_hl.to(tl.float32) + b_a[None, :] * b_hs.to(tl.float32)) *
+                            (b_dhl.to(tl.float32) + b_b[None, :] * b_dhs.to(tl.float32)), 0)
+    if GATE == 2:
+        b_dq += b_dqs * b_a[None, :]
+        b_dk += b_dks * b_b[None, :]
+    else:
+        b_dq += b_dqs * b_a
+        b_dk += b_dks * b_b
     b_dA = b_dA * scale
     b_dAt = b_dAt * scale
     causal = o_t[:, None] >= o_t[None, :]
     upper = o_t[:, None] <= o_t[None, :]  # dA^T[j, i] lives at j <= i
     if GATE == 0:
         b_dq = b_dq * scale
-        b_dq += tl.dot(tl.where(causal, b_dA, 0.0).to(dt), b_k, input_precision=DOT)
-        b_dk += tl.dot(tl.where(upper, b_dAt, 0.0).to(dt), b_q, input_precision=DOT)
+        b_dq = tl.dot(tl.where(causal, b_dA, 0.0).to(dt), b_k, b_dq, input_precision=DOT)
+        b_dk = tl.dot(tl.where(upper, b_dAt, 0.0).to(dt), b_q, b_dk, input_precision=DOT)
     elif GATE == 1:
         b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
         b_dq = b_dq * (scale * tl.exp2(b_G))[:, None]
@@ -376,8 +428,8 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
         b_M = tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
         b_Mt = tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
-        b_dq += tl.dot((b_dA * b_M).to(dt), b_k, input_precision=DOT)
-        b_dk += tl.dot((b_dAt * b_Mt).to(dt), b_q, input_precision=DOT)
+        b_dq = tl.dot((b_dA * b_M).to(dt), b_k, b_dq, input_precision=DOT)
+        b_dk = tl.dot((b_dAt * b_Mt).to(dt), b_q, b_dk, input_precision=DOT)
     else:
         b_Gq, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
         b_dq = b_dq * scale * tl.exp2(b_Gq)
@@ -394,27 +446,27 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
             b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
             b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dA.to(dt), b_kb, input_precision=DOT)
             b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAt.to(dt), b_qb, input_precision=DOT)
-        # pairs inside a block
-        o_l = tl.arange(0, BC)
+        # pairs inside a block: [block, i, j, key] products, BKD key columns at a time
         o_b = tl.arange(0, NB)
+        o_l = tl.arange(0, BC)
         b_dA4 = tl.reshape(b_dA, (NB, BC, NB, BC))
-        b_dAd = tl.sum(tl.where(o_b[:, None, None, None] == o_b[None, None, :, None], b_dA4, 0.0), 2)  # [NB,BC,BC]
-        b_q4 = tl.reshape(b_q.to(tl.float32), (NB, BC, BK))
-        b_k4 = tl.reshape(b_k.to(tl.float32), (NB, BC, BK))
-        b_G4 = tl.reshape(b_Gq, (NB, BC, BK))
-        b_dq4 = tl.zeros([NB, BC, BK], dtype=tl.float32)
-        b_dk4 = tl.zeros([NB, BC, BK], dtype=tl.float32)
-        for l in range(BC):
-            sel = o_l[None, :, None] == l
-            b_Gl4 = _row(b_G4, sel)
-            b_col = tl.sum(tl.where(o_l[None, None, :] == l, b_dAd, 0.0), 2)  # dA_{i,l}, [NB, BC(i)]
-            b_rowl = tl.sum(tl.where(o_l[None, :, None] == l, b_dAd, 0.0), 1)  # dA_{l,j}, [NB, BC(j)]
-            e_q = tl.exp2(tl.where(o_l[None, :, None] >= l, b_G4 - b_Gl4[:, None, :], float("-inf")))
-            e_k = tl.exp2(tl.where(o_l[None, :, None] <= l, b_Gl4[:, None, :] - b_G4, float("-inf")))
-            b_dq4 += b_col[:, :, None] * _row(b_k4, sel)[:, None, :] * e_q
-            b_dk4 += b_rowl[:, :, None] * _row(b_q4, sel)[:, None, :] * e_k
-        b_dq += tl.reshape(b_dq4, (C, BK))
-        b_dk += tl.reshape(b_dk4, (C, BK))
+        b_dAd = tl.sum(tl.where(o_b[:, None, None, None] == o_b[None, None, :, None], b_dA4, 0.0), 2)
+        NKD: tl.constexpr = BK // BKD
+        o_p = tl.arange(0, NKD)
+        b_dqd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
+        b_dkd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
+        for p in tl.static_range(NKD):
+            o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
+            b_qi, b_Gi = _block_tile(q, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
+            b_kj, b_Gj = _block_tile(k, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
+            b_w = b_dAd[:, :, :, None] * tl.exp2(
+                tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Gi - b_Gj, float("-inf")))
+            b_dqp = tl.reshape(tl.sum(b_w * b_kj, 2), (C, BKD))
+            b_dkp = tl.reshape(tl.sum(b_w * b_qi, 1), (C, BKD))
+            b_dqd += tl.where(o_p[None, :, None] == p, b_dqp[:, None, :], 0.0)
+            b_dkd += tl.where(o_p[None, :, None] == p, b_dkp[:, None, :], 0.0)
+        b_dq += tl.reshape(b_dqd, (C, BK))
+        b_dk += tl.reshape(b_dkd, (C, BK))
     m = m_t[:, None] & m_k[None, :]
     tl.store(dq + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m)
     tl.store(dk + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
@@ -432,7 +484,7 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
 @triton.jit
 def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chunk_end, chunk_seg, scale, H,
                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+                   BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
     """dv_j = (k_j * exp2(G_l - G_j)) dh + scale sum_{i>=j} A_ij do_i for one chunk, head and V tile."""
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
@@ -445,56 +497,51 @@ def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chun
     m_t = rows < t1
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
-    dt = b_do.dtype
+    dt = q.dtype.element_ty
     upper = o_t[:, None] <= o_t[None, :]  # A^T[j, i] lives at j <= i
     b_dv = tl.zeros([C, BV], dtype=tl.float32)
+    b_dvs = tl.zeros([C, BV], dtype=tl.float32)  # k times the incoming state gradient (scalar gates)
     b_At = tl.zeros([C, C], dtype=tl.float32)
-    if GATE == 1:
-        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
-    if GATE == 2:
-        o_l = tl.arange(0, BC)
-        b_Atd = tl.zeros([NB, BC, BC], dtype=tl.float32)  # A^T inside each block: [block, j, i]
-    for i_k in tl.static_range(NK):
+    b_Atd = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A^T inside each block
+    for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_k = _tile(k, rows, m_t, i_h, H, K, o_k, m_k)
         b_qt = _tile_t(q, rows, m_t, i_h, H, K, o_k, m_k)
-        b_dh = _state(dstates, cdec_r, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, GATE, False)
-        if GATE == 0:
-            b_kw = b_k
-            b_At += tl.dot(b_k, b_qt, input_precision=DOT)
-        elif GATE == 1:
-            b_kw = (b_k * tl.exp2(b_Gl - b_G)[:, None]).to(dt)
-            b_At += tl.dot(b_k, b_qt, input_precision=DOT)
+        b_dh, b_ds = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
+        if GATE < 2:
+            b_dv = tl.dot(b_k, b_dh.to(dt), b_dv, input_precision=DOT)
+            b_dvs = tl.dot(b_k, b_ds.to(dt), b_dvs, input_precision=DOT)
+            b_At = tl.dot(b_k, b_qt, b_At, input_precision=DOT)
         else:
             b_Gk, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
             b_Gqt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_kw = (b_k * tl.exp2(b_Gl[None, :] - b_Gk)).to(dt)
+            b_kw = b_k * tl.exp2(b_Gl[None, :] - b_Gk)
+            b_e = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_k, m_k, GATE)
+            b_dv = tl.dot(b_kw.to(dt), b_dh.to(dt), b_dv, input_precision=DOT)
+            b_dv = tl.dot((b_kw * b_e[None, :]).to(dt), b_ds.to(dt), b_dv, input_precision=DOT)
             for b in tl.static_range(1, NB):
                 in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
                 before = o_t < b * BC
                 b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gk, 0.0), 0)  # [BK]
                 b_kb = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gk, 0.0)), 0.0)
                 b_qb = tl.where(in_b[None, :], b_qt * tl.exp2(tl.where(in_b[None, :], b_Gqt - b_r[:, None], 0.0)), 0.0)
-                b_At += tl.dot(b_kb.to(dt), b_qb.to(dt), input_precision=DOT)
-            b_q4 = tl.reshape(_tile(q, rows, m_t, i_h, H, K, o_k, m_k).to(tl.float32), (NB, BC, BK))
-            b_k4 = tl.reshape(b_k.to(tl.float32), (NB, BC, BK))
-            b_G4 = tl.reshape(b_Gk, (NB, BC, BK))
-            for l in range(BC):
-                sel = o_l[None, :, None] == l
-                b_Gi = _row(b_G4, sel)
-                b_e = tl.exp2(tl.where(o_l[None, :, None] <= l, b_Gi[:, None, :] - b_G4, float("-inf")))
-                b_a = tl.sum(_row(b_q4, sel)[:, None, :] * b_k4 * b_e, 2)  # A_lj, [NB, BC(j)]
-                b_Atd += tl.where(o_l[None, None, :] == l, b_a[:, :, None], 0.0)
-        b_dv += tl.dot(b_kw, b_dh.to(dt), input_precision=DOT)
+                b_At = tl.dot(b_kb.to(dt), b_qb.to(dt), b_At, input_precision=DOT)
+            for p in tl.static_range(BK // BKD):
+                o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
+                b_Atd += _intra_block(k, q, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
+    b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
     if GATE == 0:
+        b_dv += b_dvs
         b_At = tl.where(upper, b_At, 0.0)
     elif GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+        b_e = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_t, m_t, GATE)
+        b_dv = (b_dv + b_e * b_dvs) * tl.exp2(b_Gl - b_G)[:, None]
         b_At = b_At * tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
     else:
         b_At += _block_diagonal(b_Atd, NB, BC)
-    b_dv += scale * tl.dot(b_At.to(dt), b_do, input_precision=DOT)
+    b_dv = tl.dot((b_At * scale).to(dt), b_do, b_dv, input_precision=DOT)
     tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
@@ -555,7 +602,8 @@ class _Setup:
     def scan(self, seg_state, seg_dec, start, reverse: bool, store_in: bool):
         """(state entering every segment in the scan's direction, or None; the carry at the end)."""
         p, H, K, V = self.plan, self.H, self.K, self.V
-        seg_in = self.empty(p.n_segs, H, K, V) if store_in else self.empty(1)
+        # stored like the chunk states: the kernels use the two together in matrix products
+        seg_in = self.empty(p.n_segs, H, K, V, dtype=self.state_dtype) if store_in else self.empty(1)
         out = self.empty(p.n_seqs, H, K, V)
         start = start.to(torch.float32).contiguous() if start is not None else None
         grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_seqs, H)
@@ -606,7 +654,7 @@ def forward(call: Call, h0, *, segment_chunks: int | None = None):
     bk, bv, warps = st.tiles("fwd_o")
     _fwd_o_kernel[(st.plan.n_chunks, triton.cdiv(st.V, bv), st.H)](
         st.q, st.k, st.v, st.g if st.g is not None else st.q, states, cdec, seg_in, o, *st.chunk_args(),
-        st.scale, st.H, K=st.K, V=st.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate, DOT=st.dot,
+        st.scale, st.H, K=st.K, V=st.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=st.gate, DOT=st.dot,
         num_warps=warps)
     return o, ht
 
@@ -644,12 +692,12 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
         dg = st.empty(1)
     _bwd_dqk_kernel[(st.plan.n_chunks, nk, H)](
         st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
-        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK,
+        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K,
         GATE=st.gate, DOT=st.dot, num_warps=warps)
     bk, bv, warps = st.tiles("dv")
     _bwd_dv_kernel[(st.plan.n_chunks, triton.cdiv(V, bv), H)](
         st.q, st.k, gate_arg, do, dstates, cdec_r, seg_dout, dv, *st.chunk_args(), st.scale, H,
-        K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, GATE=st.gate, DOT=st.dot, num_warps=warps)
+        K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=st.gate, DOT=st.dot, num_warps=warps)
     if st.gate == 1:
         dg = dg.sum(0).to(st.g.dtype)
     elif st.gate == 0:
