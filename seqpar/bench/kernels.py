@@ -172,8 +172,6 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("seqpar bench kernels needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     lift_fla_hopper_guard()
     dtype = getattr(torch, args.dtype)
     H, D = args.heads, args.dim
@@ -210,22 +208,28 @@ def run(args) -> int:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(format_row(row, ceil), flush=True)
+            write(args.output, ceil, rows, skipped)  # after every row: a run cut short keeps what it measured
             del x
             torch.cuda.empty_cache()
+    print()
+    print(table(rows, ceil))
+    for k, why in skipped.items():
+        print(f"skipped {k}: {why}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def write(path: str, ceil: dict, rows: list, skipped: dict) -> None:
+    import triton
+
     result = {"benchmark": "kernels", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": triton.__version__, "fla": _version("fla-core"), "python": platform.python_version(),
               "ceilings": ceil, "rows": rows, "skipped": skipped,
               "method": "triton.testing.do_bench median, CUDA events, warm-up call excluded; "
                         "fla's Hopper guard lifted for timing only"}
-    print()
-    print(table(rows, ceil))
-    for k, why in skipped.items():
-        print(f"skipped {k}: {why}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {args.output}")
-    return 0
 
 
 def _version(dist):

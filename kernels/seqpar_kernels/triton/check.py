@@ -169,10 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     p.add_argument("--reference", default="torch", choices=["torch", "naive"])
     p.add_argument("--json", help="write every case's errors here")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="check this many variants at once in separate processes (compiling dominates)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU check needs one (the CPU tests run the kernels under TRITON_INTERPRET=1)")
         return 2
+    if args.jobs > 1 and len(args.variants) > 1:
+        return _run_parallel(args)
     from . import TritonKernel
 
     kernel, rows, failed = TritonKernel(), [], 0
@@ -195,6 +199,41 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": __import__("triton").__version__, "cases": rows}, f, indent=1)
+    return 1 if failed else 0
+
+
+def _run_parallel(args) -> int:
+    """One process per variant, args.jobs at a time; their reports printed in order, JSON merged."""
+    import os
+    import subprocess
+    import tempfile
+
+    tmp = tempfile.mkdtemp()
+    procs, pending, failed, merged = {}, list(args.variants), 0, None
+    while pending or procs:
+        while pending and len(procs) < args.jobs:
+            v = pending.pop(0)
+            cmd = [sys.executable, "-m", __name__, "--variants", v, "--reference", args.reference,
+                   "--json", os.path.join(tmp, f"{v}.json")] + (["--quick"] if args.quick else [])
+            procs[v] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        v = next(iter(procs))
+        out, _ = procs.pop(v).communicate()
+        print(out, end="", flush=True)
+        path = os.path.join(tmp, f"{v}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                part = json.load(f)
+            merged = part if merged is None else {**merged, "cases": merged["cases"] + part["cases"]}
+            failed += sum(not c["pass"] for c in part["cases"])
+        else:
+            failed += 1
+            print(f"FAIL {v}: the check process wrote no results")
+    if merged is not None:
+        n = len(merged["cases"])
+        print(f"all variants: {n - sum(not c['pass'] for c in merged['cases'])}/{n} cases passed")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(merged, f, indent=1)
     return 1 if failed else 0
 
 
