@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from seqpar.env import package_version
+
 DEFAULT_VARIANTS = ["linear_attn", "lightning", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
 CHUNK = 64
 
@@ -223,22 +225,13 @@ def write(path: str, ceil: dict, rows: list, skipped: dict) -> None:
     import triton
 
     result = {"benchmark": "kernels", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton.__version__, "fla": _version("fla-core"), "python": platform.python_version(),
+              "triton": triton.__version__, "fla": package_version("fla-core"), "python": platform.python_version(),
               "ceilings": ceil, "rows": rows, "skipped": skipped,
               "method": "triton.testing.do_bench median, CUDA events, warm-up call excluded; "
                         "fla's Hopper guard lifted for timing only"}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-
-
-def _version(dist):
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _ms(r: dict | None, key: str) -> str:

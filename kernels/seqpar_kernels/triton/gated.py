@@ -14,7 +14,8 @@ strong the gate. The passes:
 * scan (`_scan_kernel`): per sequence, folds the segments' local states in order to get the true
   state entering (leaving) each segment, with the initial state (final-state gradient).
   A chunk's true state is its local one plus the segment's incoming state decayed to the chunk.
-* chunk-parallel passes: outputs (`_fwd_o_kernel`), dq/dk/dg (`_bwd_dqk_kernel`), dv (`_bwd_dv_kernel`).
+* chunk-parallel passes: outputs and, run backwards in time, dv (`_apply_kernel`); dq/dk/dg
+  (`_bwd_dqk_kernel`).
 
 Per-key gates inside a chunk: blocks of BC = 16 tokens; pairs in different blocks go through
 tensor-core products with the block's first row as the reference point (both factors <= 1); pairs
@@ -43,11 +44,11 @@ BLOCK_K = 8  # key columns per in-block product of per-key gates ([4, 16, 16, 8]
 
 # (BK, BV, num_warps) of each kernel by gate kind (0 none, 1 per token, 2 per key). BK and BV are
 # caps: smaller head dimensions take their own (power-of-two) width. Per-key gates keep narrow K
-# tiles: their in-block products hold [4, 16, BK] tensors. SEQPAR_GATED_TILES='{"fwd_o:2": [32, 64, 4]}'
-# overrides entries (for tuning runs; every setting used must pass the GPU check).
+# tiles (their operands are scaled per key in registers). SEQPAR_GATED_TILES='{"out:2": [32, 64, 4]}'
+# overrides entries, for tuning runs: every setting used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4), 1: (64, 64, 4), 2: (64, 64, 4)},
-    "fwd_o": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
+    "out": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
     "dqk": {0: (64, 64, 8), 1: (64, 64, 8), 2: (32, 64, 8)},
     "dv": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
 }
@@ -80,6 +81,16 @@ def _gate_key_t(g, rows, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
     b_g = tl.load(g + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_t[None, :] & m_k[:, None],
                   other=0).to(tl.float32) * 1.4426950408889634
     return tl.cumsum(b_g, 1)
+
+
+@triton.jit
+def _chunk(chunk_start, chunk_end, chunk_seg, i_c, C: tl.constexpr):
+    """Chunk i_c: (first row, end row, segment, its C rows, which rows are real)."""
+    t0 = tl.load(chunk_start + i_c).to(tl.int64)
+    t1 = tl.load(chunk_end + i_c).to(tl.int64)
+    s = tl.load(chunk_seg + i_c).to(tl.int64)
+    rows = t0 + tl.arange(0, C)
+    return t0, t1, s, rows, rows < t1
 
 
 @triton.jit
@@ -155,19 +166,19 @@ def _block_tile(x, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexp
 
 @triton.jit
 def _intra_block(a, b, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
-                 A_LATER: tl.constexpr):
+                 REVERSE: tl.constexpr):
     """P[blk, r, c] = sum_k a_rk b_ck exp2(G_later,k - G_earlier,k) over the pairs of one block whose
-    later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. A_LATER:
-    a holds the later token (a=q, b=k gives A's diagonal blocks), else b does (a=k, b=q: A^T's)."""
+    later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. a holds the
+    later token (a=q, b=k: A's diagonal blocks) or, REVERSE, b does (a=k, b=q: A^T's)."""
     b_a, b_Ga = _block_tile(a, g, t0, t1, i_h, H, K, o_k, m_k, NB, BC, True)
     b_b, b_Gb = _block_tile(b, g, t0, t1, i_h, H, K, o_k, m_k, NB, BC, False)
     o_l = tl.arange(0, BC)
     r = o_l[None, :, None, None]
     c = o_l[None, None, :, None]
-    if A_LATER:
-        b_e = tl.where(r >= c, b_Ga - b_Gb, float("-inf"))
-    else:
+    if REVERSE:
         b_e = tl.where(c >= r, b_Gb - b_Ga, float("-inf"))
+    else:
+        b_e = tl.where(r >= c, b_Ga - b_Gb, float("-inf"))
     return tl.sum(b_a * b_b * tl.exp2(b_e), 3)
 
 
@@ -287,72 +298,91 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
 # chunk-parallel passes
 
 @triton.jit
-def _fwd_o_kernel(q, k, v, g, states, chunk_decay, seg_in, o, chunk_start, chunk_end, chunk_seg, scale, H,
+def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end, chunk_seg, scale, H,
                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                  BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
-    """o = scale * ((q * exp2(G)) h + sum_{j<=i} A_ij v_j) for one chunk, head and V tile, with
-    h = local + d * incoming (d: decay from the segment start to the chunk)."""
+                  BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr,
+                  DOT: tl.constexpr):
+    """Outputs of one chunk, head and V tile from its state and its intra-chunk products:
+    forward (x=q, y=k, z=v, states h):     o  = scale ((q * exp2(G)) h + sum_{j<=i} A_ij v_j)
+    REVERSE (x=k, y=q, z=do, states dh):   dv = (k * exp2(G_l - G)) dh + scale sum_{i>=j} A_ij do_i
+    with A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) and a state = local + decay * incoming."""
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
     NB: tl.constexpr = C // BC
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    t1 = tl.load(chunk_end + i_c).to(tl.int64)
-    s = tl.load(chunk_seg + i_c).to(tl.int64)
+    t0, t1, s, rows, m_t = _chunk(chunk_start, chunk_end, chunk_seg, i_c, C)
     o_t = tl.arange(0, C)
-    rows = t0 + o_t
-    m_t = rows < t1
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    dt = q.dtype.element_ty
-    causal = o_t[:, None] >= o_t[None, :]
+    dt = x.dtype.element_ty
+    if REVERSE:
+        keep = o_t[:, None] <= o_t[None, :]  # A^T: row j, column i >= j
+    else:
+        keep = o_t[:, None] >= o_t[None, :]
     b_o = tl.zeros([C, BV], dtype=tl.float32)
-    b_os = tl.zeros([C, BV], dtype=tl.float32)  # q times the incoming state (scalar gates)
+    b_os = tl.zeros([C, BV], dtype=tl.float32)  # x times the incoming state (scalar gates)
     b_A = tl.zeros([C, C], dtype=tl.float32)
-    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A inside each block
+    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A (A^T) inside each block
     for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = _tile(q, rows, m_t, i_h, H, K, o_k, m_k)
-        b_kt = _tile_t(k, rows, m_t, i_h, H, K, o_k, m_k)
+        b_x = _tile(x, rows, m_t, i_h, H, K, o_k, m_k)
+        b_yt = _tile_t(y, rows, m_t, i_h, H, K, o_k, m_k)
         b_h, b_s = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
         if GATE < 2:
             # the scalar gate factors out of the products: applied once after the loop
-            b_o = tl.dot(b_q, b_h.to(dt), b_o, input_precision=DOT)
-            b_os = tl.dot(b_q, b_s.to(dt), b_os, input_precision=DOT)
-            b_A = tl.dot(b_q, b_kt, b_A, input_precision=DOT)
+            b_o = tl.dot(b_x, b_h.to(dt), b_o, input_precision=DOT)
+            b_os = tl.dot(b_x, b_s.to(dt), b_os, input_precision=DOT)
+            b_A = tl.dot(b_x, b_yt, b_A, input_precision=DOT)
         else:
-            b_Gq, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_Gkt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_qg = b_q * tl.exp2(b_Gq)
-            b_d = _decay_to_chunk(chunk_decay, i_c, i_h, H, K, o_k, m_k, GATE)
-            b_o = tl.dot(b_qg.to(dt), b_h.to(dt), b_o, input_precision=DOT)
-            b_o = tl.dot((b_qg * b_d[None, :]).to(dt), b_s.to(dt), b_o, input_precision=DOT)
-            # pairs in different blocks: reference G_r = first row of the query's block
+            b_Gx, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_Gyt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
+            if REVERSE:
+                b_xw = b_x * tl.exp2(b_Gl[None, :] - b_Gx)
+            else:
+                b_xw = b_x * tl.exp2(b_Gx)
+            b_d = _decay_to_chunk(cdec, i_c, i_h, H, K, o_k, m_k, GATE)
+            b_o = tl.dot(b_xw.to(dt), b_h.to(dt), b_o, input_precision=DOT)
+            b_o = tl.dot((b_xw * b_d[None, :]).to(dt), b_s.to(dt), b_o, input_precision=DOT)
+            # pairs in different blocks, through the reference G_r = first row of the later token's
+            # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
             for b in tl.static_range(1, NB):
                 in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
                 before = o_t < b * BC
-                b_r = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gkt, 0.0), 1)  # [BK]
-                b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0)), 0.0)
-                b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_r[:, None] - b_Gkt, 0.0)), 0.0)
-                b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
+                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gx, 0.0), 0)  # [BK]
+                if REVERSE:  # x = k (earlier, before block b), y = q (later, in block b)
+                    x_sel, y_sel = before, in_b
+                    x_exp, y_exp = b_r[None, :] - b_Gx, b_Gyt - b_r[:, None]
+                else:        # x = q (later), y = k (earlier)
+                    x_sel, y_sel = in_b, before
+                    x_exp, y_exp = b_Gx - b_r[None, :], b_r[:, None] - b_Gyt
+                b_xb = tl.where(x_sel[:, None], b_x * tl.exp2(tl.where(x_sel[:, None], x_exp, 0.0)), 0.0)
+                b_yb = tl.where(y_sel[None, :], b_yt * tl.exp2(tl.where(y_sel[None, :], y_exp, 0.0)), 0.0)
+                b_A = tl.dot(b_xb.to(dt), b_yb.to(dt), b_A, input_precision=DOT)
             # pairs inside a block, element by element, BKD key columns at a time
             for p in tl.static_range(BK // BKD):
                 o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-                b_Ad += _intra_block(q, k, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
-    b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
+                b_Ad += _intra_block(x, y, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, REVERSE)
+    b_z = _tile(z, rows, m_t, i_h, H, V, o_v, m_v)
     if GATE == 0:
         b_o += b_os
-        b_A = tl.where(causal, b_A, 0.0)
+        b_A = tl.where(keep, b_A, 0.0)
     elif GATE == 1:
         b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
-        b_d = _decay_to_chunk(chunk_decay, i_c, i_h, H, K, o_t, m_t, GATE)
-        b_o = (b_o + b_d * b_os) * tl.exp2(b_G)[:, None]
-        b_A = b_A * tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        b_d = _decay_to_chunk(cdec, i_c, i_h, H, K, o_t, m_t, GATE)
+        if REVERSE:
+            b_o = (b_o + b_d * b_os) * tl.exp2(b_Gl - b_G)[:, None]
+            b_A = b_A * tl.exp2(tl.where(keep, b_G[None, :] - b_G[:, None], float("-inf")))
+        else:
+            b_o = (b_o + b_d * b_os) * tl.exp2(b_G)[:, None]
+            b_A = b_A * tl.exp2(tl.where(keep, b_G[:, None] - b_G[None, :], float("-inf")))
     else:
         b_A += _block_diagonal(b_Ad, NB, BC)
-    b_o = tl.dot(b_A.to(dt), b_v, b_o, input_precision=DOT)
-    p_o = o + (rows[:, None] * H + i_h) * V + o_v[None, :]
-    tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if REVERSE:
+        b_o = tl.dot((b_A * scale).to(dt), b_z, b_o, input_precision=DOT)
+    else:
+        b_o = tl.dot(b_A.to(dt), b_z, b_o, input_precision=DOT) * scale
+    tl.store(out + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(out.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -366,12 +396,8 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
     i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NV: tl.constexpr = (V + BV - 1) // BV
     NB: tl.constexpr = C // BC
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    t1 = tl.load(chunk_end + i_c).to(tl.int64)
-    s = tl.load(chunk_seg + i_c).to(tl.int64)
+    t0, t1, s, rows, m_t = _chunk(chunk_start, chunk_end, chunk_seg, i_c, C)
     o_t = tl.arange(0, C)
-    rows = t0 + o_t
-    m_t = rows < t1
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     dt = q.dtype.element_ty
@@ -481,71 +507,6 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
             tl.store(dg + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dg.to(dg.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _bwd_dv_kernel(q, k, g, do, dstates, cdec_r, seg_dout, dv, chunk_start, chunk_end, chunk_seg, scale, H,
-                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
-    """dv_j = (k_j * exp2(G_l - G_j)) dh + scale sum_{i>=j} A_ij do_i for one chunk, head and V tile."""
-    i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-    NK: tl.constexpr = (K + BK - 1) // BK
-    NB: tl.constexpr = C // BC
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    t1 = tl.load(chunk_end + i_c).to(tl.int64)
-    s = tl.load(chunk_seg + i_c).to(tl.int64)
-    o_t = tl.arange(0, C)
-    rows = t0 + o_t
-    m_t = rows < t1
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    dt = q.dtype.element_ty
-    upper = o_t[:, None] <= o_t[None, :]  # A^T[j, i] lives at j <= i
-    b_dv = tl.zeros([C, BV], dtype=tl.float32)
-    b_dvs = tl.zeros([C, BV], dtype=tl.float32)  # k times the incoming state gradient (scalar gates)
-    b_At = tl.zeros([C, C], dtype=tl.float32)
-    b_Atd = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A^T inside each block
-    for i_k in range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = _tile(k, rows, m_t, i_h, H, K, o_k, m_k)
-        b_qt = _tile_t(q, rows, m_t, i_h, H, K, o_k, m_k)
-        b_dh, b_ds = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
-        if GATE < 2:
-            b_dv = tl.dot(b_k, b_dh.to(dt), b_dv, input_precision=DOT)
-            b_dvs = tl.dot(b_k, b_ds.to(dt), b_dvs, input_precision=DOT)
-            b_At = tl.dot(b_k, b_qt, b_At, input_precision=DOT)
-        else:
-            b_Gk, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_Gqt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_kw = b_k * tl.exp2(b_Gl[None, :] - b_Gk)
-            b_e = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_k, m_k, GATE)
-            b_dv = tl.dot(b_kw.to(dt), b_dh.to(dt), b_dv, input_precision=DOT)
-            b_dv = tl.dot((b_kw * b_e[None, :]).to(dt), b_ds.to(dt), b_dv, input_precision=DOT)
-            for b in tl.static_range(1, NB):
-                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
-                before = o_t < b * BC
-                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gk, 0.0), 0)  # [BK]
-                b_kb = tl.where(before[:, None], b_k * tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gk, 0.0)), 0.0)
-                b_qb = tl.where(in_b[None, :], b_qt * tl.exp2(tl.where(in_b[None, :], b_Gqt - b_r[:, None], 0.0)), 0.0)
-                b_At = tl.dot(b_kb.to(dt), b_qb.to(dt), b_At, input_precision=DOT)
-            for p in tl.static_range(BK // BKD):
-                o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-                b_Atd += _intra_block(k, q, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
-    b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
-    if GATE == 0:
-        b_dv += b_dvs
-        b_At = tl.where(upper, b_At, 0.0)
-    elif GATE == 1:
-        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
-        b_e = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_t, m_t, GATE)
-        b_dv = (b_dv + b_e * b_dvs) * tl.exp2(b_Gl - b_G)[:, None]
-        b_At = b_At * tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
-    else:
-        b_At += _block_diagonal(b_Atd, NB, BC)
-    b_dv = tl.dot((b_At * scale).to(dt), b_do, b_dv, input_precision=DOT)
-    tl.store(dv + (rows[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 
@@ -624,6 +585,16 @@ class _Setup:
         seg_dout, dh0 = self.scan(seg_state, seg_dec, dht, reverse=True, store_in=True)
         return dstates, cdec, seg_dout, dh0
 
+    def apply(self, x, y, z, states, cdec, seg_in, reverse: bool):
+        """The output pass (x, y, z = q, k, v) or, reversed, the dv pass (k, q, do)."""
+        out = torch.empty_like(z)
+        bk, bv, warps = self.tiles("dv" if reverse else "out")
+        _apply_kernel[(self.plan.n_chunks, triton.cdiv(self.V, bv), self.H)](
+            x, y, z, self.g if self.g is not None else x, states, cdec, seg_in, out, *self.chunk_args(),
+            self.scale, self.H, K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=self.gate,
+            REVERSE=reverse, DOT=self.dot, num_warps=warps)
+        return out
+
     def chunk_args(self):
         p = self.plan
         return p.chunk_start, p.chunk_end, p.chunk_seg
@@ -650,13 +621,7 @@ def forward(call: Call, h0, *, segment_chunks: int | None = None):
     """(o, ht): outputs in v's dtype and the fp32 final state of every sequence."""
     st = _Setup(call, segment_chunks)
     states, cdec, seg_in, ht = st.forward_states(h0)
-    o = torch.empty_like(st.v)
-    bk, bv, warps = st.tiles("fwd_o")
-    _fwd_o_kernel[(st.plan.n_chunks, triton.cdiv(st.V, bv), st.H)](
-        st.q, st.k, st.v, st.g if st.g is not None else st.q, states, cdec, seg_in, o, *st.chunk_args(),
-        st.scale, st.H, K=st.K, V=st.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=st.gate, DOT=st.dot,
-        num_warps=warps)
-    return o, ht
+    return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False), ht
 
 
 def final_state(call: Call, h0, *, segment_chunks: int | None = None):
@@ -683,7 +648,7 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
     gate_arg = st.g if st.g is not None else st.q
     bk, bv, warps = st.tiles("dqk")
     nk = triton.cdiv(K, bk)
-    dq, dk, dv = torch.empty_like(st.q), torch.empty_like(st.k), torch.empty_like(st.v)
+    dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
     if st.gate == 1:
         dg = st.empty(nk, *st.g.shape)  # partial sums over K tiles
     elif st.gate == 2:
@@ -694,10 +659,7 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
         st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
         *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K,
         GATE=st.gate, DOT=st.dot, num_warps=warps)
-    bk, bv, warps = st.tiles("dv")
-    _bwd_dv_kernel[(st.plan.n_chunks, triton.cdiv(V, bv), H)](
-        st.q, st.k, gate_arg, do, dstates, cdec_r, seg_dout, dv, *st.chunk_args(), st.scale, H,
-        K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=st.gate, DOT=st.dot, num_warps=warps)
+    dv = st.apply(st.k, st.q, do, dstates, cdec_r, seg_dout, reverse=True)
     if st.gate == 1:
         dg = dg.sum(0).to(st.g.dtype)
     elif st.gate == 0:
