@@ -40,17 +40,18 @@ from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
 LOG2E = 1.4426950408889634
 CHUNK = 64
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
-BLOCK_K = 8  # key columns per in-block product of per-key gates ([4, 16, 16, 8] tensors)
+BLOCK_K = 4  # key columns per in-block product of per-key gates ([4, 16, 16, 4] tensors)
 
-# (BK, BV, num_warps) of each kernel by gate kind (0 none, 1 per token, 2 per key). BK and BV are
-# caps: smaller head dimensions take their own (power-of-two) width. Per-key gates keep narrow K
-# tiles (their operands are scaled per key in registers). SEQPAR_GATED_TILES='{"out:2": [32, 64, 4]}'
-# overrides entries, for tuning runs: every setting used must pass the GPU check.
+# (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
+# BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
+# sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
+# where the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
+# tuning runs: every setting used must pass the GPU check.
 TILES = {
-    "state": {0: (64, 64, 4), 1: (64, 64, 4), 2: (64, 64, 4)},
-    "out": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
-    "dqk": {0: (64, 64, 8), 1: (64, 64, 8), 2: (32, 64, 8)},
-    "dv": {0: (64, 128, 8), 1: (64, 128, 8), 2: (32, 128, 8)},
+    "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
+    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+    "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
+    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
     _name, _gate = _key.split(":")
@@ -61,48 +62,47 @@ for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items()
 # helpers (inlined into the kernels)
 
 @triton.jit
-def _gate_scalar(g, rows, m_t, i_h, H):
+def _gate_scalar(g, t0, o_t, m_t, i_h, H):
     """Per-token gate of one chunk as log2 decays: (G [C] cumulative, G_last scalar)."""
-    b_g = tl.load(g + rows * H + i_h, mask=m_t, other=0).to(tl.float32) * 1.4426950408889634
+    b_g = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0).to(tl.float32) * 1.4426950408889634
     return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
 
 
 @triton.jit
-def _gate_key(g, rows, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
+def _gate_key(g, t0, o_t, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
     """Per-key gate [C, BK] of one chunk: (G cumulative over rows, G_last [BK])."""
-    b_g = tl.load(g + (rows[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                  other=0).to(tl.float32) * 1.4426950408889634
+    b_g = _tile(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * 1.4426950408889634
     return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
 
 
 @triton.jit
-def _gate_key_t(g, rows, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
+def _gate_key_t(g, t0, o_t, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
     """The same, loaded transposed [BK, C] (cumulative over columns)."""
-    b_g = tl.load(g + (rows[None, :] * H + i_h) * K + o_k[:, None], mask=m_t[None, :] & m_k[:, None],
-                  other=0).to(tl.float32) * 1.4426950408889634
+    b_g = _tile_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * 1.4426950408889634
     return tl.cumsum(b_g, 1)
 
 
 @triton.jit
-def _chunk(chunk_start, chunk_end, chunk_seg, i_c, C: tl.constexpr):
-    """Chunk i_c: (first row, end row, segment, its C rows, which rows are real)."""
-    t0 = tl.load(chunk_start + i_c).to(tl.int64)
-    t1 = tl.load(chunk_end + i_c).to(tl.int64)
-    s = tl.load(chunk_seg + i_c).to(tl.int64)
-    rows = t0 + tl.arange(0, C)
-    return t0, t1, s, rows, rows < t1
+def _chunk(chunk_start, chunk_end, chunk_seg, i_c):
+    """Chunk i_c: (first row, number of rows, segment)."""
+    t0 = tl.load(chunk_start + i_c)
+    n = tl.load(chunk_end + i_c) - t0
+    return t0.to(tl.int64), n, tl.load(chunk_seg + i_c).to(tl.int64)
 
 
 @triton.jit
-def _tile(x, rows, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
-    """Rows x columns tile [C, BD] of a [rows, H, D] tensor."""
-    return tl.load(x + (rows[:, None] * H + i_h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0)
+def _tile(x, t0, o_t, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
+    """Tile [C, BD] of a [rows, H, D] tensor: rows t0 + o_t, columns o_d. A 64-bit base and
+    32-bit offsets (64-bit offsets per element cost registers)."""
+    return tl.load(x + (t0 * H + i_h) * D + (o_t[:, None] * (H * D) + o_d[None, :]),
+                   mask=m_t[:, None] & m_d[None, :], other=0)
 
 
 @triton.jit
-def _tile_t(x, rows, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
+def _tile_t(x, t0, o_t, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
     """The transposed tile [BD, C]."""
-    return tl.load(x + (rows[None, :] * H + i_h) * D + o_d[:, None], mask=m_t[None, :] & m_d[:, None], other=0)
+    return tl.load(x + (t0 * H + i_h) * D + (o_t[None, :] * (H * D) + o_d[:, None]),
+                   mask=m_t[None, :] & m_d[:, None], other=0)
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _block_diagonal(x, NB: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _block_tile(x, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
+def _block_tile(x, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
                 ON_AXIS1: tl.constexpr):
     """x (fp32) and the within-block cumulative log2 gate of the BC-row blocks of a chunk, for
     columns o_k: shaped [NB, BC, 1, BKD] (rows on axis 1) or [NB, 1, BC, BKD] (rows on axis 2).
@@ -150,13 +150,14 @@ def _block_tile(x, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexp
     o_b = tl.arange(0, NB)
     o_l = tl.arange(0, BC)
     if ON_AXIS1:
-        rows = t0 + (o_b[:, None, None, None] * BC + o_l[None, :, None, None])
+        o_t = o_b[:, None, None, None] * BC + o_l[None, :, None, None]
     else:
-        rows = t0 + (o_b[:, None, None, None] * BC + o_l[None, None, :, None])
-    m = (rows < t1) & m_k[None, None, None, :]
-    off = (rows * H + i_h) * K + o_k[None, None, None, :]
-    b_x = tl.load(x + off, mask=m, other=0).to(tl.float32)
-    b_g = tl.load(g + off, mask=m, other=0).to(tl.float32) * 1.4426950408889634
+        o_t = o_b[:, None, None, None] * BC + o_l[None, None, :, None]
+    m = (o_t < n) & m_k[None, None, None, :]
+    off = o_t * (H * K) + o_k[None, None, None, :]
+    base = (t0 * H + i_h) * K
+    b_x = tl.load(x + base + off, mask=m, other=0).to(tl.float32)
+    b_g = tl.load(g + base + off, mask=m, other=0).to(tl.float32) * 1.4426950408889634
     if ON_AXIS1:
         b_G = tl.cumsum(b_g, 1)
     else:
@@ -165,13 +166,13 @@ def _block_tile(x, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexp
 
 
 @triton.jit
-def _intra_block(a, b, g, t0, t1, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
+def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
                  REVERSE: tl.constexpr):
     """P[blk, r, c] = sum_k a_rk b_ck exp2(G_later,k - G_earlier,k) over the pairs of one block whose
     later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. a holds the
     later token (a=q, b=k: A's diagonal blocks) or, REVERSE, b does (a=k, b=q: A^T's)."""
-    b_a, b_Ga = _block_tile(a, g, t0, t1, i_h, H, K, o_k, m_k, NB, BC, True)
-    b_b, b_Gb = _block_tile(b, g, t0, t1, i_h, H, K, o_k, m_k, NB, BC, False)
+    b_a, b_Ga = _block_tile(a, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, True)
+    b_b, b_Gb = _block_tile(b, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, False)
     o_l = tl.arange(0, BC)
     r = o_l[None, :, None, None]
     c = o_l[None, None, :, None]
@@ -207,49 +208,50 @@ def _state_pass_kernel(x, y, g, states, seg_state, seg_decay, chunk_decay,
     n_c = tl.load(seg_count + i_s)
     b_S = tl.zeros([BK, BV], dtype=tl.float32)
     b_acc = tl.zeros([BK], dtype=tl.float32)  # log2 decay from the boundary (one value for GATE 1)
+    s_out = scale if GATE == 0 else 1.0  # without a gate the scale is applied on the way out
     for step in range(0, n_c):
         if REVERSE:
             c = c_first + (n_c - 1 - step)
         else:
             c = c_first + step
-        t0 = tl.load(chunk_start + c).to(tl.int64)
-        t1 = tl.load(chunk_end + c).to(tl.int64)
-        rows = t0 + o_t
-        m_t = rows < t1
+        t0 = tl.load(chunk_start + c)
+        m_t = o_t < tl.load(chunk_end + c) - t0
+        t0 = t0.to(tl.int64)
         if STORE:
-            p = states + (c * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-            tl.store(p, b_S.to(states.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+            p = states + (c * H + i_h) * K * V + (o_k[:, None] * V + o_v[None, :])
+            tl.store(p, (b_S * s_out).to(states.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
             if GATE == 1:
                 if i_kv == 0:
                     tl.store(chunk_decay + c * H + i_h, tl.max(b_acc, 0))
             elif GATE == 2:
                 if i_v == 0:
                     tl.store(chunk_decay + (c * H + i_h) * K + o_k, b_acc, mask=m_k)
-        b_xt = _tile_t(x, rows, m_t, i_h, H, K, o_k, m_k)
-        b_y = _tile(y, rows, m_t, i_h, H, V, o_v, m_v)
+        b_xt = _tile_t(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_y = _tile(y, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        # the decay goes into the product's accumulator and the scale into x's weights
         if GATE == 0:
-            b_S += scale * tl.dot(b_xt, b_y, input_precision=DOT)
+            b_S = tl.dot(b_xt, b_y, b_S, input_precision=DOT)
         elif GATE == 1:
-            b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+            b_G, b_Gl = _gate_scalar(g, t0, o_t, m_t, i_h, H)
             if REVERSE:
-                b_w = tl.exp2(b_G)
+                b_w = tl.exp2(b_G) * scale
             else:
                 b_w = tl.exp2(b_Gl - b_G)
             b_xw = (b_xt * b_w[None, :]).to(b_xt.dtype)
-            b_S = b_S * tl.exp2(b_Gl) + scale * tl.dot(b_xw, b_y, input_precision=DOT)
+            b_S = tl.dot(b_xw, b_y, b_S * tl.exp2(b_Gl), input_precision=DOT)
             b_acc += b_Gl
         else:
-            b_Gt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
             b_Gl = tl.sum(tl.where(o_t[None, :] == C - 1, b_Gt, 0.0), 1)
             if REVERSE:
-                b_w = tl.exp2(b_Gt)
+                b_w = tl.exp2(b_Gt) * scale
             else:
                 b_w = tl.exp2(b_Gl[:, None] - b_Gt)
             b_xw = (b_xt * b_w).to(b_xt.dtype)
-            b_S = b_S * tl.exp2(b_Gl)[:, None] + scale * tl.dot(b_xw, b_y, input_precision=DOT)
+            b_S = tl.dot(b_xw, b_y, b_S * tl.exp2(b_Gl)[:, None], input_precision=DOT)
             b_acc += b_Gl
-    p = seg_state + (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-    tl.store(p, b_S, mask=m_k[:, None] & m_v[None, :])
+    p = seg_state + (i_s * H + i_h) * K * V + (o_k[:, None] * V + o_v[None, :])
+    tl.store(p, b_S * s_out, mask=m_k[:, None] & m_v[None, :])
     if GATE == 1:
         if i_kv == 0:
             tl.store(seg_decay + i_s * H + i_h, tl.max(b_acc, 0))
@@ -309,8 +311,9 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
     NB: tl.constexpr = C // BC
-    t0, t1, s, rows, m_t = _chunk(chunk_start, chunk_end, chunk_seg, i_c, C)
     o_t = tl.arange(0, C)
+    t0, n_t, s = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
+    m_t = o_t < n_t
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     dt = x.dtype.element_ty
@@ -325,8 +328,8 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
     for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_x = _tile(x, rows, m_t, i_h, H, K, o_k, m_k)
-        b_yt = _tile_t(y, rows, m_t, i_h, H, K, o_k, m_k)
+        b_x = _tile(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_yt = _tile_t(y, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         b_h, b_s = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
         if GATE < 2:
             # the scalar gate factors out of the products: applied once after the loop
@@ -334,8 +337,8 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
             b_os = tl.dot(b_x, b_s.to(dt), b_os, input_precision=DOT)
             b_A = tl.dot(b_x, b_yt, b_A, input_precision=DOT)
         else:
-            b_Gx, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
-            b_Gyt = _gate_key_t(g, rows, m_t, i_h, H, K, o_k, m_k)
+            b_Gx, b_Gl = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            b_Gyt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
             if REVERSE:
                 b_xw = b_x * tl.exp2(b_Gl[None, :] - b_Gx)
             else:
@@ -361,13 +364,13 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
             # pairs inside a block, element by element, BKD key columns at a time
             for p in tl.static_range(BK // BKD):
                 o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-                b_Ad += _intra_block(x, y, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, REVERSE)
-    b_z = _tile(z, rows, m_t, i_h, H, V, o_v, m_v)
+                b_Ad += _intra_block(x, y, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, REVERSE)
+    b_z = _tile(z, t0, o_t, m_t, i_h, H, V, o_v, m_v)
     if GATE == 0:
         b_o += b_os
         b_A = tl.where(keep, b_A, 0.0)
     elif GATE == 1:
-        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+        b_G, b_Gl = _gate_scalar(g, t0, o_t, m_t, i_h, H)
         b_d = _decay_to_chunk(cdec, i_c, i_h, H, K, o_t, m_t, GATE)
         if REVERSE:
             b_o = (b_o + b_d * b_os) * tl.exp2(b_Gl - b_G)[:, None]
@@ -381,7 +384,7 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
         b_o = tl.dot((b_A * scale).to(dt), b_z, b_o, input_precision=DOT)
     else:
         b_o = tl.dot(b_A.to(dt), b_z, b_o, input_precision=DOT) * scale
-    tl.store(out + (rows[:, None] * H + i_h) * V + o_v[None, :], b_o.to(out.dtype.element_ty),
+    tl.store(out + (t0 * H + i_h) * V + (o_t[:, None] * (H * V) + o_v[None, :]), b_o.to(out.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
 
@@ -396,13 +399,14 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
     i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NV: tl.constexpr = (V + BV - 1) // BV
     NB: tl.constexpr = C // BC
-    t0, t1, s, rows, m_t = _chunk(chunk_start, chunk_end, chunk_seg, i_c, C)
     o_t = tl.arange(0, C)
+    t0, n_t, s = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
+    m_t = o_t < n_t
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     dt = q.dtype.element_ty
-    b_q = _tile(q, rows, m_t, i_h, H, K, o_k, m_k)
-    b_k = _tile(k, rows, m_t, i_h, H, K, o_k, m_k)
+    b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+    b_k = _tile(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
     b_a = _decay_to_chunk(cdec_f, i_c, i_h, H, K, o_k, m_k, GATE)  # true h = local + b_a * incoming
     b_b = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_k, m_k, GATE)  # true dh likewise
     b_dq = tl.zeros([C, BK], dtype=tl.float32)
@@ -415,10 +419,10 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
     for i_v in range(NV):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_do = _tile(do, rows, m_t, i_h, H, V, o_v, m_v)
-        b_v = _tile(v, rows, m_t, i_h, H, V, o_v, m_v)
-        b_dot = _tile_t(do, rows, m_t, i_h, H, V, o_v, m_v)
-        b_vt = _tile_t(v, rows, m_t, i_h, H, V, o_v, m_v)
+        b_do = _tile(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_v = _tile(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_dot = _tile_t(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_vt = _tile_t(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         b_hl, b_hs = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
         b_dhl, b_dhs = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
         b_dq = tl.dot(b_do, b_hl.to(dt), b_dq, input_precision=DOT)
@@ -448,7 +452,7 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dq = tl.dot(tl.where(causal, b_dA, 0.0).to(dt), b_k, b_dq, input_precision=DOT)
         b_dk = tl.dot(tl.where(upper, b_dAt, 0.0).to(dt), b_q, b_dk, input_precision=DOT)
     elif GATE == 1:
-        b_G, b_Gl = _gate_scalar(g, rows, m_t, i_h, H)
+        b_G, b_Gl = _gate_scalar(g, t0, o_t, m_t, i_h, H)
         b_dq = b_dq * (scale * tl.exp2(b_G))[:, None]
         b_dk = b_dk * tl.exp2(b_Gl - b_G)[:, None]
         b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
@@ -457,7 +461,7 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dq = tl.dot((b_dA * b_M).to(dt), b_k, b_dq, input_precision=DOT)
         b_dk = tl.dot((b_dAt * b_Mt).to(dt), b_q, b_dk, input_precision=DOT)
     else:
-        b_Gq, b_Gl = _gate_key(g, rows, m_t, i_h, H, K, o_k, m_k)
+        b_Gq, b_Gl = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         b_dq = b_dq * scale * tl.exp2(b_Gq)
         b_dk = b_dk * tl.exp2(b_Gl[None, :] - b_Gq)
         b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
@@ -483,8 +487,8 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dkd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
         for p in tl.static_range(NKD):
             o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-            b_qi, b_Gi = _block_tile(q, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
-            b_kj, b_Gj = _block_tile(k, g, t0, t1, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
+            b_qi, b_Gi = _block_tile(q, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
+            b_kj, b_Gj = _block_tile(k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
             b_w = b_dAd[:, :, :, None] * tl.exp2(
                 tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Gi - b_Gj, float("-inf")))
             b_dqp = tl.reshape(tl.sum(b_w * b_kj, 2), (C, BKD))
@@ -494,17 +498,18 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dq += tl.reshape(b_dqd, (C, BK))
         b_dk += tl.reshape(b_dkd, (C, BK))
     m = m_t[:, None] & m_k[None, :]
-    tl.store(dq + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m)
-    tl.store(dk + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
+    off = (t0 * H + i_h) * K
+    tl.store(dq + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m)
+    tl.store(dk + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m)
     if GATE > 0:
         b_dG = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
         if GATE == 1:
             b_dG = tl.sum(b_dG, 1)
             b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG + tl.sum(b_bnd, 0)
-            tl.store(dg + (i_k * T_all + rows) * H + i_h, b_dg, mask=m_t)
+            tl.store(dg + (i_k * T_all + t0) * H + i_h + o_t * H, b_dg, mask=m_t)
         else:
             b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG + b_bnd[None, :]
-            tl.store(dg + (rows[:, None] * H + i_h) * K + o_k[None, :], b_dg.to(dg.dtype.element_ty), mask=m)
+            tl.store(dg + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dg.to(dg.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +531,7 @@ class _Setup:
         self.dot = "ieee" if self.q.dtype == torch.float32 else "tf32"
         # bf16 states hold what the bf16 matrix products use anyway; fp16 would overflow
         self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
-        self.bk, self.bv, self.warps = self.tiles("state")
+        self.bk, self.bv, self.launch = self.tiles("state")
         n_tiles = self.H * triton.cdiv(self.K, self.bk) * triton.cdiv(self.V, self.bv)
         bounds = sequence_bounds(B, T, call.cu_seqlens)
         if segment_chunks is None:
@@ -534,9 +539,10 @@ class _Setup:
             segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
         self.plan: Plan = make_plan(bounds, self.dev, CHUNK, segment_chunks)
 
-    def tiles(self, kernel: str) -> tuple[int, int, int]:
-        bk, bv, warps = TILES[kernel][self.gate]
-        return tile(self.K, bk), tile(self.V, bv), warps
+    def tiles(self, kernel: str) -> tuple[int, int, dict]:
+        """(BK, BV, launch options) of a kernel for this call."""
+        bk, bv, warps, stages = TILES[kernel][self.gate]
+        return tile(self.K, bk), tile(self.V, bv), {"num_warps": warps, "num_stages": stages}
 
     def empty(self, *shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device=self.dev)
@@ -557,7 +563,7 @@ class _Setup:
             x, y, self.g if self.g is not None else x, states, seg_state, seg_dec, cdec,
             p.chunk_start, p.chunk_end, p.seg_first, p.seg_count, self.scale if reverse else 1.0, H,
             K=K, V=V, BK=self.bk, BV=self.bv, C=CHUNK, GATE=self.gate, REVERSE=reverse, STORE=store,
-            DOT=self.dot, num_warps=self.warps)
+            DOT=self.dot, **self.launch)
         return states, cdec, seg_state, seg_dec
 
     def scan(self, seg_state, seg_dec, start, reverse: bool, store_in: bool):
@@ -571,7 +577,7 @@ class _Setup:
         _scan_kernel[grid](
             seg_state, seg_dec, start if start is not None else out, seg_in, out, p.seq_first, p.seq_count, H,
             K=K, V=V, BK=self.bk, BV=self.bv, GATE=self.gate, REVERSE=reverse, HAS_H0=start is not None,
-            STORE_IN=store_in, num_warps=self.warps)
+            STORE_IN=store_in, **self.launch)
         return (seg_in if store_in else None), out
 
     def forward_states(self, h0):
@@ -588,11 +594,11 @@ class _Setup:
     def apply(self, x, y, z, states, cdec, seg_in, reverse: bool):
         """The output pass (x, y, z = q, k, v) or, reversed, the dv pass (k, q, do)."""
         out = torch.empty_like(z)
-        bk, bv, warps = self.tiles("dv" if reverse else "out")
+        bk, bv, launch = self.tiles("dv" if reverse else "out")
         _apply_kernel[(self.plan.n_chunks, triton.cdiv(self.V, bv), self.H)](
             x, y, z, self.g if self.g is not None else x, states, cdec, seg_in, out, *self.chunk_args(),
             self.scale, self.H, K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=self.gate,
-            REVERSE=reverse, DOT=self.dot, num_warps=warps)
+            REVERSE=reverse, DOT=self.dot, **launch)
         return out
 
     def chunk_args(self):
@@ -646,7 +652,7 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
     dstates, cdec_r, seg_dout, dh0 = st.backward_states(do, dht)
     H, K, V = st.H, st.K, st.V
     gate_arg = st.g if st.g is not None else st.q
-    bk, bv, warps = st.tiles("dqk")
+    bk, bv, launch = st.tiles("dqk")
     nk = triton.cdiv(K, bk)
     dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
     if st.gate == 1:
@@ -658,7 +664,7 @@ def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> G
     _bwd_dqk_kernel[(st.plan.n_chunks, nk, H)](
         st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
         *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K,
-        GATE=st.gate, DOT=st.dot, num_warps=warps)
+        GATE=st.gate, DOT=st.dot, **launch)
     dv = st.apply(st.k, st.q, do, dstates, cdec_r, seg_dout, reverse=True)
     if st.gate == 1:
         dg = dg.sum(0).to(st.g.dtype)
