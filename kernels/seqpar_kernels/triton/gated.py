@@ -37,15 +37,16 @@ import triton.language as tl
 from ..explicit import Call, Grads
 from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
 CHUNK = 64
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
 BLOCK_K = 4  # key columns per in-block product of per-key gates ([4, 16, 16, 4] tensors)
 
 # (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
-# sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
-# where the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
+# sm_90 compiler's resource report (Triton 3.6): no register spills (except 176 bytes in the per-key
+# dq/dk pass, whose BK=16 alternative recomputes dA twice as often), two or more programs per SM where
+# the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
 # tuning runs: every setting used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
@@ -64,21 +65,21 @@ for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items()
 @triton.jit
 def _gate_scalar(g, t0, o_t, m_t, i_h, H):
     """Per-token gate of one chunk as log2 decays: (G [C] cumulative, G_last scalar)."""
-    b_g = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0).to(tl.float32) * 1.4426950408889634
+    b_g = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0).to(tl.float32) * LOG2E
     return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
 
 
 @triton.jit
 def _gate_key(g, t0, o_t, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
     """Per-key gate [C, BK] of one chunk: (G cumulative over rows, G_last [BK])."""
-    b_g = _tile(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * 1.4426950408889634
+    b_g = _tile(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * LOG2E
     return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
 
 
 @triton.jit
 def _gate_key_t(g, t0, o_t, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
     """The same, loaded transposed [BK, C] (cumulative over columns)."""
-    b_g = _tile_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * 1.4426950408889634
+    b_g = _tile_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * LOG2E
     return tl.cumsum(b_g, 1)
 
 
@@ -157,7 +158,7 @@ def _block_tile(x, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr
     off = o_t * (H * K) + o_k[None, None, None, :]
     base = (t0 * H + i_h) * K
     b_x = tl.load(x + base + off, mask=m, other=0).to(tl.float32)
-    b_g = tl.load(g + base + off, mask=m, other=0).to(tl.float32) * 1.4426950408889634
+    b_g = tl.load(g + base + off, mask=m, other=0).to(tl.float32) * LOG2E
     if ON_AXIS1:
         b_G = tl.cumsum(b_g, 1)
     else:
