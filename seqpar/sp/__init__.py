@@ -6,5 +6,7 @@
 """
 from .layout import LAYOUTS, shard, unshard
 from .linear_attention import METHODS, linear_attention
+from .tokens import LocalTokens, local_tokens, previous_tokens
 
-__all__ = ["LAYOUTS", "METHODS", "shard", "unshard", "linear_attention"]
+__all__ = ["LAYOUTS", "METHODS", "shard", "unshard", "linear_attention", "LocalTokens", "local_tokens",
+           "previous_tokens"]
