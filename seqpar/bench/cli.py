@@ -5,6 +5,7 @@ import importlib
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "sp": ("seqpar.bench.sp", "SP efficiency of linear attention per variant x method x layout (torchrun)"),
 }
 
 
