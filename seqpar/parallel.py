@@ -19,9 +19,7 @@ from dataclasses import dataclass, replace
 import torch.distributed as dist
 
 from seqpar.comm import collectives as C
-from seqpar.sp import LAYOUTS, METHODS
-
-SOFTMAX_METHODS = ("allgather", "ring")
+from seqpar.sp import LAYOUTS, METHODS, SOFTMAX_METHODS
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ HAS_SOFTMAX = hasattr(seqpar.sp, "softmax_attention")
 
 
 def config(pattern, variant):
-    return ModelConfig(vocab_size=38, hidden_size=16, num_layers=len(pattern), num_heads=2, num_kv_heads=2,
+    return ModelConfig(vocab_size=38, hidden_size=16, num_layers=len(pattern), num_heads=4, num_kv_heads=2,
                        ffn_hidden_size=24, pattern=pattern, linear_variant=variant, conv_size=3)
 
 
