@@ -64,8 +64,8 @@ def lm_forward_step(data_iterator, model, *, tokens_per_loss=None, exact=False):
 
     def loss_func(output):
         total = output.float().sum() if output.dtype != torch.float64 else output.sum()
-        n = torch.tensor(float(tokens_per_loss or output.numel()), device=output.device, dtype=total.dtype)
-        return total, n, {"lm loss": torch.stack([total.detach(), n])}
+        n = torch.tensor(tokens_per_loss or output.numel(), device=output.device, dtype=torch.int)  # Megatron sums ints
+        return total, n, {"lm loss": torch.stack([total.detach(), n.to(total.dtype)])}
 
     return per_token, loss_func
 
