@@ -209,3 +209,27 @@ def test_tiles_never_hold_an_empty_row():
                     lo = 0 if t.left is None else r + nk - nq - t.left
                     hi = nk - 1 if t.right is None else r + nk - nq + t.right
                     assert max(lo, 0) <= min(hi, nk - 1), (mask, t, r)
+
+
+# ---- the GPU benchmark runs end to end on CPU ranks (a smoke test; its numbers come from GPUs) ----------
+def bench_on_rank(rank, world_size, out):
+    from seqpar.bench import softmax as bench_softmax
+    from seqpar.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "softmax", "--seq-lens", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--dtype",
+         "fp32", "--repeat", "1", "--warmup", "0", "--check-len", "48", "--split-len", "37", "--out", out])
+    return bench_softmax.main(args)
+
+
+def test_bench_softmax_smoke(tmp_path):
+    import json
+
+    out = str(tmp_path / "softmax.json")
+    assert run_ranks(bench_on_rank, 2, args=(out,)) == [0, 0]
+    data = json.loads(open(out).read())
+    assert data["meta"]["P"] == 2 and data["meta"]["impl"] == "math"
+    assert len(data["checks"]) == 5 + 2 * 2 * 2 and all(c["pass"] for c in data["checks"])
+    assert len(data["results"]) == 2 * 2
+    for r in data["results"]:
+        assert r["sp_ms"] > 0 and r["sdpa_1gpu_ms"] > 0 and r["efficiency"] > 0

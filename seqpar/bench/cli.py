@@ -7,6 +7,7 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "comm": ("seqpar.bench.comm", "latency and bandwidth of all-gather, all-to-all, point-to-point (torchrun)"),
     "sp": ("seqpar.bench.sp", "SP efficiency of linear attention per variant x method x layout (torchrun)"),
+    "softmax": ("seqpar.bench.softmax", "SP softmax attention: parity with SDPA, balance per layout x method (torchrun)"),
 }
 
 

@@ -162,7 +162,12 @@ class Partial:
         self.lse = torch.full((n, H), float("-inf"), dtype=dtype, device=device)
 
     def add(self, a: int, b: int, out, lse) -> None:
-        self.out[a:b], self.lse[a:b] = merge(self.out[a:b], self.lse[a:b], out, lse.to(self.lse.dtype))
+        """Merge the partial result of rows [a, b) over further keys, in place."""
+        o, l = self.out[a:b], self.lse[a:b]
+        new = torch.logaddexp(l, lse.to(l.dtype))
+        safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+        o.mul_((l - safe).exp()[..., None]).add_(out * (lse - safe).exp()[..., None])
+        l.copy_(new)
 
 
 # ---- the two implementations of a band of tiles -----------------------------------------------------
@@ -264,7 +269,7 @@ def _window_args(run: _Run) -> dict:
                 window_size_right=-1 if run.right is None else run.right)
 
 
-def flash_usable(q: torch.Tensor, k: torch.Tensor) -> str | None:
+def flash_usable(q: torch.Tensor) -> str | None:
     """Why the flash kernels cannot run these tensors (None: they can)."""
     if not q.is_cuda:
         return "tensors are not on a CUDA device"
@@ -279,10 +284,10 @@ def flash_usable(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, q: torch.Tensor, k: torch.Tensor) -> str:
+def resolve_impl(impl: str, q: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise InputError(f"unknown attention implementation {impl!r}; choose one of {IMPLS}")
-    why = flash_usable(q, k)
+    why = flash_usable(q)
     if impl == "flash" and why:
         raise InputError(f"impl='flash' cannot run here: {why}; use impl='auto' or 'math'")
     return "math" if impl == "math" or (impl == "auto" and why) else "flash"
@@ -489,5 +494,5 @@ def attention(q, k, v, *, causal: bool = True, cu_seqlens=None, window: int | No
     n = T if not block_size else block_size
     spans = tuple((a, min(n, T - a), a) for a in range(0, T, n))
     spec = Spec(spans, spans, Mask(causal, window, tuple(cu) if cu else None),
-                q.shape[-1] ** -0.5 if scale is None else float(scale), resolve_impl(impl, q, k), chunk)
+                q.shape[-1] ** -0.5 if scale is None else float(scale), resolve_impl(impl, q), chunk)
     return blockwise_attention(q, k, v, spec)

@@ -60,7 +60,7 @@ def softmax_attention(q, k, v, *, group=None, method: str = "allgather", layout:
         raise InputError(f"seqpar.sp.softmax_attention: {error}")
     mask = Mask(causal, window, tuple(cu) if cu else None)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = resolve_impl("auto", q, k)
+    impl = resolve_impl("auto", q)
     if P == 1:
         whole = ((0, q.shape[1], 0),)
         return blockwise_attention(q, k, v, Spec(whole, whole, mask, scale, impl))
