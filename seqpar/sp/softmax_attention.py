@@ -201,12 +201,13 @@ class _Direct:
 
     def start(self, kv: torch.Tensor) -> None:
         self.kv, self.B, self.head = kv, kv.shape[1], tuple(kv.shape[3:])
+        self.grad_shape, self.grad_opts = kv.shape, dict(dtype=acc_dtype(kv.dtype), device=kv.device)
         self.per_token = 2 * self.B * kv.shape[3] * kv.shape[4]
         self.grad_works, self.grads_in, self.grads_out = [], [], []
         self.pending = self._send_kv(self.steps[0])
 
     def blocks(self, backward: bool):
-        need, me, adt = self.plan.need, self.me, acc_dtype(self.kv.dtype)
+        need, me = self.plan.need, self.me
         for i, dists in enumerate(self.steps):
             works, _, recvs = self.pending
             for w in works:
@@ -216,7 +217,7 @@ class _Direct:
             grads_out = []
             for buf, src in recvs:
                 pieces = need[me][src]
-                g = torch.zeros(buf.shape, dtype=adt, device=buf.device) if backward else None
+                g = torch.zeros(buf.shape, **self.grad_opts) if backward else None
                 gviews = self._views(g, pieces) if backward else [None] * len(pieces)
                 for p, kv, gv in zip(pieces, self._views(buf, pieces), gviews):
                     yield KeyBlock(p.start, kv[0], kv[1], gv)
@@ -226,23 +227,23 @@ class _Direct:
                 for d in dists:
                     dst, _ = self._peers(d)
                     if need[dst][me]:
-                        grads_in.append((torch.empty(self.plan.size(need[dst][me], self.per_token), dtype=adt,
-                                                     device=self.kv.device), dst))
+                        grads_in.append((torch.empty(self.plan.size(need[dst][me], self.per_token), **self.grad_opts),
+                                         dst))
                 self.grad_works += C.exchange(grads_out, grads_in, self.group)
                 self.grads_in += grads_in
                 self.grads_out += grads_out  # alive until the transfers complete
-        self.pending = None
+        self.pending = self.kv = None  # every send of K/V has completed (each step's works were waited on)
 
     def put_grads(self, blk: KeyBlock, dk, dv) -> None:
         blk.grad[0] += dk
         blk.grad[1] += dv
 
     def finish(self) -> torch.Tensor:
-        total = torch.zeros(self.kv.shape, dtype=acc_dtype(self.kv.dtype), device=self.kv.device)
+        total = torch.zeros(self.grad_shape, **self.grad_opts)
         for w in self.grad_works:
             w.wait()
         for buf, peer in self.grads_in:
             for p, g in zip(self.plan.need[peer][self.me], self._views(buf, self.plan.need[peer][self.me])):
                 _piece(total, p).add_(g)
-        self.kv = self.grads_in = self.grads_out = self.grad_works = None
+        self.grads_in = self.grads_out = self.grad_works = None
         return total
