@@ -203,11 +203,13 @@ class _Direct:
         self.kv, self.B, self.head = kv, kv.shape[1], tuple(kv.shape[3:])
         self.grad_shape, self.grad_opts = kv.shape, dict(dtype=acc_dtype(kv.dtype), device=kv.device)
         self.per_token = 2 * self.B * kv.shape[3] * kv.shape[4]
-        self.grad_works, self.grads_in, self.grads_out = [], [], []
+        self.total, self.grads_in_flight = None, None
         self.pending = self._send_kv(self.steps[0])
 
     def blocks(self, backward: bool):
         need, me = self.plan.need, self.me
+        if backward:
+            self.total = torch.zeros(self.grad_shape, **self.grad_opts)  # dK/dV of my keys from the others
         for i, dists in enumerate(self.steps):
             works, _, recvs = self.pending
             for w in works:
@@ -229,21 +231,29 @@ class _Direct:
                     if need[dst][me]:
                         grads_in.append((torch.empty(self.plan.size(need[dst][me], self.per_token), **self.grad_opts),
                                          dst))
-                self.grad_works += C.exchange(grads_out, grads_in, self.group)
-                self.grads_in += grads_in
-                self.grads_out += grads_out  # alive until the transfers complete
+                works = C.exchange(grads_out, grads_in, self.group)
+                self._land_grads()  # the previous step's, which had a whole step to arrive
+                self.grads_in_flight = (works, grads_out, grads_in)
         self.pending = self.kv = None  # every send of K/V has completed (each step's works were waited on)
+
+    def _land_grads(self) -> None:
+        """Wait for the gradient transfers in flight and add what arrived; at most one step's
+        gradient buffers are alive besides the current one."""
+        if self.grads_in_flight is None:
+            return
+        works, _, grads_in = self.grads_in_flight
+        for w in works:
+            w.wait()
+        for buf, peer in grads_in:
+            for p, g in zip(self.plan.need[peer][self.me], self._views(buf, self.plan.need[peer][self.me])):
+                _piece(self.total, p).add_(g)
+        self.grads_in_flight = None
 
     def put_grads(self, blk: KeyBlock, dk, dv) -> None:
         blk.grad[0] += dk
         blk.grad[1] += dv
 
     def finish(self) -> torch.Tensor:
-        total = torch.zeros(self.grad_shape, **self.grad_opts)
-        for w in self.grad_works:
-            w.wait()
-        for buf, peer in self.grads_in:
-            for p, g in zip(self.plan.need[peer][self.me], self._views(buf, self.plan.need[peer][self.me])):
-                _piece(total, p).add_(g)
-        self.grads_in = self.grads_out = self.grad_works = None
+        self._land_grads()
+        total, self.total = self.total, None
         return total
