@@ -449,6 +449,20 @@ def predict_all(model: Model, Ps, methods=METHODS) -> list[Prediction]:
     return [model.predict(method, P) for P in Ps for method in methods]
 
 
+def predict_point(variant: str, t_local: int, world_size: int, method: str, gpus_per_node: int = 8,
+                  heads: int = 16, head_dim: int = 128, overlap: bool = True, calibration: str | None = None,
+                  hop_alpha_us: float | None = None) -> dict:
+    """One prediction as a flat dict: the cost model as a `seqpar bench sweep` point function."""
+    cal = load_calibration(calibration)
+    machine = build_machine(cal, gpus_per_node, hop_alpha_us=hop_alpha_us)
+    problem = Problem(variant=variant, t_local=t_local, heads=heads, head_dim_k=head_dim, head_dim_v=head_dim,
+                      overlap=overlap)
+    r = Model(problem, machine, cal).predict(method, world_size)
+    return {"efficiency": r.efficiency, "sp_ms": None if r.sp_s is None else r.sp_s * 1e3,
+            "kernel_ms": r.kernel_s * 1e3, "exposed_ms": r.exposed_s * 1e3, "nodes": r.nodes,
+            "tokens_per_s_per_gpu": None if r.sp_s is None else t_local / r.sp_s, "note": r.note}
+
+
 # ---- output ------------------------------------------------------------------------------------------
 def format_table(preds: list[Prediction], methods) -> str:
     Ps = sorted({r.P for r in preds})
