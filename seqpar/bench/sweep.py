@@ -34,7 +34,7 @@ import yaml
 
 RECORD_SCHEMA = "seqpar.sweep.record/1"
 RESULTS_SCHEMA = "seqpar.sweep.results/1"
-_TOP_KEYS = {"name", "description", "output", "grid", "exclude", "point", "metrics", "plots"}
+_TOP_KEYS = {"name", "description", "output", "grid", "exclude", "point", "rows", "metrics", "plots"}
 _POINT_KEYS = {"command", "function", "args", "timeout_s", "env", "expects"}
 _PLOT_KEYS = {"file", "title", "x", "y", "series", "where", "logx", "logy", "xlabel", "ylabel", "model"}
 _RESERVED = {"out", "python"}  # placeholders the runner fills in besides the grid values
@@ -53,24 +53,38 @@ class Sweep:
     description: str = ""
     output: str | None = None
     exclude: tuple = ()
+    rows: str | None = None
     metrics: dict = field(default_factory=dict)
     plots: tuple = ()
 
     @property
     def keys(self) -> list[str]:
-        return list(self.grid)
+        """The names a point's values have: grid names, and the keys of zipped axes' entries."""
+        return _point_keys(self.grid)
 
     def points(self) -> list[dict]:
         """The grid's points in a stable order (the YAML's key order, then each list's order)."""
         out = []
         for combo in itertools.product(*self.grid.values()):
-            values = dict(zip(self.grid, combo))
+            values = {}
+            for name, value in zip(self.grid, combo):
+                values.update(value if isinstance(value, dict) else {name: value})
             if not any(all(values.get(k) == v for k, v in ex.items()) for ex in self.exclude):
                 out.append(values)
         return out
 
     def out_dir(self, override: str | None = None) -> Path:
         return Path(override or self.output or Path("runs") / "sweeps" / self.name)
+
+
+def _point_keys(grid: dict) -> list[str]:
+    keys = []
+    for name, values in grid.items():
+        if isinstance(values[0], dict):  # a zipped axis: each entry sets several keys together
+            keys += [k for k in values[0] if k not in keys]
+        else:
+            keys.append(name)
+    return keys
 
 
 def load_sweep(path) -> Sweep:
@@ -96,11 +110,18 @@ def load_sweep(path) -> Sweep:
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise SweepError(f"{where}: grid '{k}' must be a non-empty list, got {v!r}")
-        if k in _RESERVED:
-            raise SweepError(f"{where}: grid name '{k}' is reserved for the runner ({sorted(_RESERVED)})")
+        if any(isinstance(x, dict) for x in v):
+            if not all(isinstance(x, dict) and set(x) == set(v[0]) for x in v):
+                raise SweepError(f"{where}: zipped grid axis '{k}' needs entries that all set the same keys")
+        names = set(v[0]) if isinstance(v[0], dict) else {k}
+        if names & _RESERVED:
+            raise SweepError(f"{where}: grid name(s) {sorted(names & _RESERVED)} are reserved for the runner")
+    keys = _point_keys(grid)
+    if len(keys) != sum(len(v[0]) if isinstance(v[0], dict) else 1 for v in grid.values()):
+        raise SweepError(f"{where}: a grid name is set by two axes")
     exclude = raw.get("exclude") or []
     for ex in exclude:
-        if not isinstance(ex, dict) or not set(ex) <= set(grid):
+        if not isinstance(ex, dict) or not set(ex) <= set(keys):
             raise SweepError(f"{where}: each 'exclude' entry must map grid names to values, got {ex!r}")
     point = raw["point"]
     if not isinstance(point, dict) or set(point) - _POINT_KEYS:
@@ -109,7 +130,7 @@ def load_sweep(path) -> Sweep:
         raise SweepError(f"{where}: 'point' needs exactly one of 'command' (a template) or 'function' (module:name)")
     if "command" in point:
         fields = {f for _, f, _, _ in string.Formatter().parse(point["command"]) if f}
-        missing = fields - set(grid) - _RESERVED
+        missing = fields - set(keys) - _RESERVED
         if missing:
             raise SweepError(f"{where}: the command uses {{{', '.join(sorted(missing))}}} which the grid does not define")
         if "out" not in fields:
@@ -124,7 +145,8 @@ def load_sweep(path) -> Sweep:
         if not isinstance(p, dict) or set(p) - _PLOT_KEYS or not {"file", "x", "y"} <= set(p):
             raise SweepError(f"{where}: each plot needs file, x, y (and may have {sorted(_PLOT_KEYS)}), got {p!r}")
     return Sweep(name=raw["name"], grid=grid, point=point, path=path, description=raw.get("description", ""),
-                 output=raw.get("output"), exclude=tuple(exclude), metrics=metrics, plots=tuple(plots))
+                 output=raw.get("output"), exclude=tuple(exclude), rows=raw.get("rows"), metrics=metrics,
+                 plots=tuple(plots))
 
 
 # ---- points and records ------------------------------------------------------------------------------
@@ -165,20 +187,31 @@ def lookup(obj, path: str):
     return obj
 
 
-def extract_metrics(sweep: Sweep, output) -> dict:
-    """The sweep's `metrics` (name -> dotted path) from a point's output; without a mapping, the
-    output's top-level numbers and strings."""
+def _pick(sweep: Sweep, obj) -> dict:
     if not sweep.metrics:
-        return {k: v for k, v in output.items() if isinstance(v, (int, float, str, bool))} \
-            if isinstance(output, dict) else {}
+        return {k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))} if isinstance(obj, dict) else {}
     out = {}
     for name, path in sweep.metrics.items():
         try:
-            out[name] = lookup(output, path)
+            out[name] = lookup(obj, path)
         except (KeyError, IndexError, ValueError):
             raise SweepError(f"sweep {sweep.name}: metric '{name}' path '{path}' is not in the point's output "
-                             f"(top-level keys: {sorted(output) if isinstance(output, dict) else type(output)})") from None
+                             f"(keys there: {sorted(obj) if isinstance(obj, dict) else type(obj).__name__})") from None
     return out
+
+
+def extract_metrics(sweep: Sweep, output) -> list[dict]:
+    """The metrics of a point's output: one dict, or one per row when the sweep names `rows` (a
+    dotted path to a list in the output, e.g. the `results` table of `seqpar bench sp`). A dict
+    is the sweep's `metrics` (name -> dotted path); without that mapping, the top-level numbers
+    and strings."""
+    if sweep.rows is None:
+        return [_pick(sweep, output)]
+    try:
+        rows = lookup(output, sweep.rows)
+    except (KeyError, IndexError, ValueError):
+        raise SweepError(f"sweep {sweep.name}: rows path '{sweep.rows}' is not in the point's output") from None
+    return [_pick(sweep, row) for row in rows]
 
 
 # ---- command checks ----------------------------------------------------------------------------------
@@ -265,11 +298,9 @@ def run_point(sweep: Sweep, values: dict, out_dir: Path) -> dict:
             output = resolve_function(sweep.point["function"])(**values, **args)
         else:
             output = _run_command(sweep, values, rec_path, record)
-        record.update(status="ok", output=output, metrics=extract_metrics(sweep, output), error=None)
-    except SweepError:
-        raise
+        record.update(status="ok", output=output, error=None)
     except Exception as e:  # noqa: BLE001 - a failing point is a result (e.g. out of memory), kept and reported
-        record.update(status="failed", output=None, metrics={}, error=f"{type(e).__name__}: {e}")
+        record.update(status="failed", output=None, error=f"{type(e).__name__}: {e}")
     record["seconds"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(rec_path, record)
     return record
@@ -325,7 +356,9 @@ def run_sweep(sweep: Sweep, out_dir: Path | None = None, retry_failed: bool = Fa
         log(f"[{i + 1}/{len(todo)}] {point_key(values)} ...", flush=True)
         rec = run_point(sweep, values, out_dir)
         ran += 1
-        summary = ", ".join(f"{k}={_fmt(v)}" for k, v in rec["metrics"].items())
+        obs = observations(sweep, [rec])
+        summary = ", ".join(f"{k}={_fmt(v)}" for k, v in obs[0].items() if k not in values and k != "status") if len(obs) == 1 else (
+            f"{len(obs)} rows" if rec["status"] == "ok" else "")
         log(f"    {rec['status']} in {rec['seconds']:.1f} s" + (f": {summary}" if summary else "")
             + (f"\n    {rec['error']}" if rec["error"] else ""), flush=True)
     records = [r for r in (_read_record(record_path(out_dir, v)) for v in points) if r is not None]
@@ -349,42 +382,43 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def observations(sweep: Sweep, records: list) -> list[dict]:
+    """What tables and plots read: per ok record, one dict per row of its output (its point values
+    plus the metrics the sweep names), extracted now, so that editing `metrics` in the YAML needs no
+    rerun; a failed record gives one dict with its status."""
+    out = []
+    for r in records:
+        if r["status"] != "ok":
+            out.append({**r["point"], "status": r["status"]})
+            continue
+        out += [{**r["point"], "status": "ok", **m} for m in extract_metrics(sweep, r["output"])]
+    return out
+
+
 def format_table(sweep: Sweep, records: list) -> str:
-    metric_names = list(dict.fromkeys(k for r in records for k in r["metrics"]))
-    cols = sweep.keys + ["status"] + metric_names
-    rows = [[_fmt(r["point"].get(k)) for k in sweep.keys] + [r["status"]] +
-            [_fmt(r["metrics"].get(m, "")) for m in metric_names] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    obs = observations(sweep, records)
+    cols = list(dict.fromkeys([*sweep.keys, "status", *(k for o in obs for k in o)]))
+    rows = [[_fmt(o.get(c, "")) for c in cols] for o in obs]
+    widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
 
 
 # ---- plots -------------------------------------------------------------------------------------------
-def _value(record: dict, name: str):
-    if name in record["point"]:
-        return record["point"][name]
-    if name in record["metrics"]:
-        return record["metrics"][name]
-    return lookup(record["output"], name)
-
-
-def plot_series(spec: dict, records: list) -> dict:
-    """{series label: sorted [(x, y)]} of the ok records that pass `where`."""
+def plot_series(spec: dict, obs: list[dict]) -> dict:
+    """{series label: sorted [(x, y)]} of the ok observations that pass `where`."""
     series = spec.get("series") or []
     series = [series] if isinstance(series, str) else list(series)
     where = spec.get("where") or {}
     out: dict[str, list] = {}
-    for r in records:
-        if r["status"] != "ok" or any(_value(r, k) != v for k, v in where.items()):
+    for o in obs:
+        if o["status"] != "ok" or any(o.get(k) != v for k, v in where.items()):
             continue
-        try:
-            x, y = _value(r, spec["x"]), _value(r, spec["y"])
-        except (KeyError, IndexError, ValueError, TypeError):
-            continue
+        x, y = o.get(spec["x"]), o.get(spec["y"])
         if x is None or y is None:
             continue
-        label = ", ".join(f"{k}={_value(r, k)}" for k in series) or spec["y"]
+        label = ", ".join(f"{k}={o.get(k)}" for k in series) or spec["y"]
         out.setdefault(label, []).append((x, y))
     return {k: sorted(v) for k, v in out.items()}
 
@@ -416,10 +450,11 @@ def draw_plots(sweep: Sweep, records: list, plot_dir: Path) -> list[Path]:
     import matplotlib.ticker
 
     plot_dir.mkdir(parents=True, exist_ok=True)
+    obs = observations(sweep, records)
     paths = []
     for spec in sweep.plots:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-        measured = plot_series(spec, records)
+        measured = plot_series(spec, obs)
         for label, pts in measured.items():
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label, lw=1.5, ms=4)
         if spec.get("model"):
