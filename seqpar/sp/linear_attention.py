@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import seqpar_kernels
-from seqpar.comm import Family, StateScan
+from seqpar.comm import METHODS, Family, StateScan
 from seqpar.comm import collectives as C
 from seqpar_kernels import InputError, get_variant
 from seqpar_kernels.backends import resolve
@@ -32,8 +32,6 @@ from seqpar_kernels.variants import check_cu_seqlens, normalize_inputs
 
 from .layout import LAYOUTS, split_error
 from .plan import Plan, make_plan
-
-METHODS = ("lasp2", "zeco", "ring")
 
 
 def linear_attention(q, k, v, *, variant: str, g=None, beta=None, scale=None, group=None,
@@ -78,7 +76,7 @@ def linear_attention(q, k, v, *, variant: str, g=None, beta=None, scale=None, gr
         kernel=explicit_kernel(backend_name),
         family=Family(get_variant(variant).transition),
         method=method, group=group, scale=scale, zeco_slices=zeco_slices,
-        output_final_state=output_final_state, has_initial_state=initial_state is not None,
+        output_final_state=output_final_state,
     )
     o, final = _LinearAttentionSP.apply(q, k, v, g, beta, initial_state, spec)
     return o, (final if output_final_state else None)
@@ -123,7 +121,6 @@ class _Spec:
     scale: float
     zeco_slices: int
     output_final_state: bool
-    has_initial_state: bool
 
     def scan(self) -> StateScan:
         return StateScan(self.method, self.family, self.plan.chain, self.plan.positions, self.group,
