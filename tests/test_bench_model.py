@@ -151,7 +151,7 @@ def test_calibration_file_overrides(tmp_path):
     assert seqpar_main(["bench", "model", "--calibration", str(path), "--P", "2", "16", "256",
                         "--out", str(out), "--plot", str(png)]) == 0
     data = json.loads(out.read_text())
-    assert data["calibration"]["name"] == "test machine"
+    assert data["calibration"]["name"].startswith("test machine")
     assert data["links"]["intra/p2p"]["alpha_us"] == pytest.approx(20.0, rel=1e-6)
     assert data["kernel"]["fwd_bwd_s_at_t_local"] == pytest.approx(10e-3)
     assert {(r["method"], r["P"]) for r in data["predictions"]} == {(m, P) for m in M.METHODS for P in (2, 16, 256)}
@@ -163,6 +163,37 @@ def test_calibration_file_overrides(tmp_path):
     path.write_text(json.dumps({"collectives": [{"op": "p2p", "level": "intra", "world_size": 2, "seconds": 1}]}))
     with pytest.raises(ValueError, match="bytes_per_rank"):
         M.load_calibration(str(path))
+
+
+def test_benchmark_outputs_calibrate_the_model(tmp_path):
+    """The JSON of `seqpar bench comm` (collectives) and `seqpar bench sp` (kernel times, state-pass
+    shares) are calibration files as they are, in the formats those benchmarks write."""
+    alpha, bw = 15e-6, 300e9
+    sizes = [4096, 65536, 1048576, 16777216]
+    comm = {"meta": {"P": 2, "device": "H200", "backend": "nccl"}, "bytes_per_rank": sizes,
+            "times_ms": {"all_gather": [(alpha + n / bw) * 1e3 for n in sizes],
+                         "all_to_all": [(alpha + n / 2 / bw) * 1e3 for n in sizes],
+                         "p2p": [(2 * alpha + n / bw) * 1e3 for n in sizes]}, "fit": {}}
+    row = {"method": "lasp2", "layout": "contiguous", "t_local": 65536, "P": 2, "sp_ms": 13.0, "efficiency": 0.9,
+           "scan_ms": 0.1, "exposed_ms": 0.0}
+    sp = {"meta": {"P": 2, "device": "H200", "heads": 16, "head_dim": 128, "dtype": "bf16"}, "checks": [],
+          "results": [{**row, "variant": "gla", "single_ms": 12.0, "local_kernel_ms": 12.5, "state_passes_ms": 0.5},
+                      {**row, "variant": "gla", "single_ms": 12.2, "local_kernel_ms": 12.5, "state_passes_ms": 0.5,
+                       "method": "zeco"},
+                      {**row, "variant": "delta_rule", "single_ms": 9.0, "local_kernel_ms": 10.0,
+                       "state_passes_ms": 1.0}], "fla_anchor": []}
+    (tmp_path / "comm.json").write_text(json.dumps(comm))
+    (tmp_path / "sp.json").write_text(json.dumps(sp))
+    cal = M.load_calibration([str(tmp_path / "comm.json"), str(tmp_path / "sp.json")])
+    machine = M.build_machine(cal)
+    for op, a in (("all_gather", alpha), ("all_to_all", alpha), ("p2p", 2 * alpha)):
+        link = machine.link("intra", op)
+        assert link.alpha_s == pytest.approx(a, rel=1e-6) and link.bandwidth_Bps == pytest.approx(bw, rel=1e-6)
+    assert M.kernel_time(cal, "gla", 65536, 16, 128, 128)[0] == pytest.approx(12.1e-3)
+    assert M.kernel_time(cal, "delta_rule", 65536, 16, 128, 128)[0] == pytest.approx(9.0e-3)
+    assert cal["sp"]["summary_fraction"] == {"scalar": 0.02, "diagonal": 0.04, "dense": 0.1}
+    inter = M.build_machine(M.load_calibration(str(tmp_path / "comm.json"), comm_level="inter"))
+    assert inter.link("inter", "p2p").alpha_s == pytest.approx(2 * alpha, rel=1e-6)
 
 
 def test_published_points_are_computed_from_their_raw_numbers():

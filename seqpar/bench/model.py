@@ -102,11 +102,58 @@ def merge_calibration(base: dict, override: dict) -> dict:
     return out
 
 
-def load_calibration(path: str | None = None) -> dict:
-    if path is None:
-        return copy.deepcopy(DEFAULT_CALIBRATION)
-    with open(path) as f:
-        return merge_calibration(DEFAULT_CALIBRATION, json.load(f))
+def load_calibration(paths=None, comm_level: str = "intra") -> dict:
+    """The built-in calibration overridden by each file in turn: a calibration JSON, or the JSON
+    that `seqpar bench comm` or `seqpar bench sp` writes (see calibration_from_bench)."""
+    cal = copy.deepcopy(DEFAULT_CALIBRATION)
+    names = []
+    for path in [paths] if isinstance(paths, str) else (paths or []):
+        with open(path) as f:
+            data = json.load(f)
+        override = calibration_from_bench(data, comm_level) if _is_bench(data) else data
+        cal = merge_calibration(cal, override)
+        names.append(override.get("name", path))
+    if names:
+        cal["name"] = " + ".join(names) + " (over the built-in 2xH200 numbers)"
+    return cal
+
+
+def _is_bench(data: dict) -> bool:
+    return "meta" in data and ("times_ms" in data or "results" in data)
+
+
+def calibration_from_bench(data: dict, comm_level: str = "intra") -> dict:
+    """A calibration override from a benchmark's JSON. `seqpar bench comm`: every timed call becomes
+    a collective measurement at `comm_level` (intra: the ranks share a node; inter: one rank per
+    node). `seqpar bench sp`: the plain kernel's time per variant and T_local becomes a kernel time,
+    and state_passes_ms / local_kernel_ms (median per transition family) the summary fraction."""
+    import statistics
+
+    meta = data["meta"]
+    if comm_level not in LEVELS:
+        raise ValueError(f"comm level must be one of {LEVELS}, got {comm_level!r}")
+    name = f"seqpar bench {'comm' if 'times_ms' in data else 'sp'}, P={meta.get('P')}, {meta.get('device', '?')}"
+    if "times_ms" in data:
+        if meta["P"] < 2:
+            raise ValueError("a `seqpar bench comm` run on one rank measures no communication; run it on 2 or more")
+        return {"name": name, "collectives": [
+            {"op": op, "level": comm_level, "world_size": meta["P"], "bytes_per_rank": n, "seconds": ms * 1e-3}
+            for op, times in data["times_ms"].items() if op in OPS for n, ms in zip(data["bytes_per_rank"], times)]}
+    rows = data["results"]
+    kernels = {}
+    for r in rows:
+        kernels.setdefault((r["variant"], r["t_local"]), []).append(r["single_ms"] * 1e-3)
+    fractions = {}
+    for r in rows:
+        if r.get("local_kernel_ms"):
+            fractions.setdefault(get_variant(r["variant"]).transition, []).append(
+                r["state_passes_ms"] / r["local_kernel_ms"])
+    out = {"name": name, "kernels": [
+        {"variant": v, "tokens": t, "heads": meta["heads"], "head_dim_k": meta["head_dim"],
+         "head_dim_v": meta["head_dim"], "fwd_bwd_s": statistics.median(ts)} for (v, t), ts in kernels.items()]}
+    if fractions:
+        out["sp"] = {"summary_fraction": {fam: statistics.median(fs) for fam, fs in fractions.items()}}
+    return out
 
 
 def _check_measurement(m: dict) -> None:
@@ -450,7 +497,7 @@ def predict_all(model: Model, Ps, methods=METHODS) -> list[Prediction]:
 
 
 def predict_point(variant: str, t_local: int, world_size: int, method: str, gpus_per_node: int = 8,
-                  heads: int = 16, head_dim: int = 128, overlap: bool = True, calibration: str | None = None,
+                  heads: int = 16, head_dim: int = 128, overlap: bool = True, calibration=None,
                   hop_alpha_us: float | None = None) -> dict:
     """One prediction as a flat dict: the cost model as a `seqpar bench sweep` point function."""
     cal = load_calibration(calibration)
@@ -513,7 +560,7 @@ def plot(preds: list[Prediction], methods, path: str, title: str, published: lis
 
 def run(args) -> dict:
     """Everything `seqpar bench model` computes, as one JSON-ready dict."""
-    cal = load_calibration(args.calibration)
+    cal = load_calibration(args.calibration, args.comm_level)
     machine = build_machine(cal, args.gpus_per_node, args.intra_alpha_us, args.intra_bw_gbps,
                             args.inter_alpha_us, args.inter_bw_gbps, args.hop_alpha_us)
     if args.overlap_window is not None:
@@ -549,7 +596,11 @@ def configure(parser) -> None:
     parser.add_argument("--no-overlap", action="store_true", help="scan exchanges not hidden behind the kernel")
     parser.add_argument("--overlap-window", type=float, default=None,
                         help="share of each kernel pass that can hide the exchange (default: calibration's)")
-    parser.add_argument("--calibration", default=None, help="JSON of measured numbers (docs/cost_model.md)")
+    parser.add_argument("--calibration", nargs="+", default=None,
+                        help="JSON files of measured numbers, applied in order: a calibration (docs/cost_model.md) "
+                             "or the output of `seqpar bench comm` / `seqpar bench sp`")
+    parser.add_argument("--comm-level", default="intra", choices=list(LEVELS),
+                        help="what a `seqpar bench comm` file measured: ranks in one node (intra) or one per node")
     parser.add_argument("--dump-calibration", default=None, help="write the calibration in use as JSON and exit")
     parser.add_argument("--kernel-us-per-token", type=float, default=None,
                         help="single-GPU fwd+bwd microseconds per token (instead of the calibration's kernel times)")
@@ -568,7 +619,7 @@ def configure(parser) -> None:
 def main(args) -> int:
     if args.dump_calibration:
         with open(args.dump_calibration, "w") as f:
-            json.dump(load_calibration(args.calibration), f, indent=1)
+            json.dump(load_calibration(args.calibration, args.comm_level), f, indent=1)
         print(f"wrote {args.dump_calibration}")
         return 0
     from .published import SOURCES, published_points
