@@ -264,8 +264,8 @@ def build_machine(cal: dict, gpus_per_node: int = 8, intra_alpha_us=None, intra_
                 link = replace(link, bandwidth_Bps=bw * 1e9, source=link.source + "; bandwidth set on the command line")
             links[(level, op)] = link
     if hop_alpha_us is not None:
-        extra = 0.0 if inter_alpha_us is not None else le["extra_alpha_us"]
-        for level, alpha_us in (("intra", hop_alpha_us), ("inter", inter_alpha_us or hop_alpha_us + extra)):
+        inter_hop = inter_alpha_us if inter_alpha_us is not None else hop_alpha_us + le["extra_alpha_us"]
+        for level, alpha_us in (("intra", hop_alpha_us), ("inter", inter_hop)):
             links[(level, "p2p")] = replace(links[(level, "p2p")], alpha_s=alpha_us * 1e-6,
                                             source=links[(level, "p2p")].source + "; per-hop alpha set on the command line")
     d = cal["device"]
@@ -283,12 +283,12 @@ def kernel_time(cal: dict, variant: str, tokens: int, heads: int, head_dim_k: in
     entries = [k for k in cal["kernels"] if k["variant"] == variant]
     name = variant
     if not entries:
-        same = [k for k in cal["kernels"] if get_variant(k["variant"]).transition == family]
-        name = _PROXY[family] if any(k["variant"] == _PROXY[family] for k in same) else (same[0]["variant"] if same else None)
-        entries = [k for k in same if k["variant"] == name]
-    if not entries:
-        raise ValueError(f"no kernel time for {variant!r} or any {family}-transition variant in the calibration; "
-                         "add a 'kernels' entry or pass --kernel-us-per-token")
+        same = [k["variant"] for k in cal["kernels"] if get_variant(k["variant"]).transition == family]
+        if not same:
+            raise ValueError(f"no kernel time for {variant!r} or any {family}-transition variant in the calibration; "
+                             "add a 'kernels' entry or pass --kernel-us-per-token")
+        name = _PROXY[family] if _PROXY[family] in same else same[0]
+        entries = [k for k in cal["kernels"] if k["variant"] == name]
     ref = entries[0]
     shape = (heads * head_dim_k * head_dim_v) / (ref["heads"] * ref["head_dim_k"] * ref["head_dim_v"])
     pts = sorted({k["tokens"]: k["fwd_bwd_s"] for k in entries if
@@ -359,10 +359,15 @@ def all_to_all_s(P: int, G: int, nbytes: float, intra: Link, inter: Link) -> flo
     return max(t_in, t_out)
 
 
+def transition_elems(family: str, K: int) -> int:
+    """Numbers in one head's shard transition: a scalar, a diagonal of K, or a dense K x K."""
+    return {"scalar": 1, "diagonal": K, "dense": K * K}[family]
+
+
 def apply_s(family: str, heads: int, K: int, V_cols: float, device: Device) -> float:
     """One fold step T S + dS on a state of heads x K x V_cols fp32 (roofline: HBM or fp32 FLOPs)."""
     elems = heads * K * V_cols
-    t_elems = {"scalar": 1, "diagonal": K, "dense": K * K}[family] * heads
+    t_elems = transition_elems(family, K) * heads
     nbytes = (3 * elems + t_elems) * FP32
     flops = 2 * K * elems if family == "dense" else 2 * elems
     return max(nbytes / device.hbm_Bps, flops / device.fp32_flops)
@@ -378,10 +383,18 @@ class Problem:
     head_dim_k: int = 128
     head_dim_v: int = 128
     act_bytes: int = 2            # bf16 activations (what a2a moves)
-    layout: str = "contiguous"    # zigzag: 2 shards per rank (LASP-2 gathers twice as much, chains are 2P-1 long)
+    layout: str = "contiguous"    # zigzag: 2 shards per rank (LASP-2 gathers twice as much, chains have 2(P-1) hops)
     zeco_slices: int = 4
     a2a_tensors: int = 4          # per pass: q, k, v in and o out (forward); their gradients (backward)
     overlap: bool = True
+
+    def __post_init__(self):
+        get_variant(self.variant)
+        if self.layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {self.layout!r}")
+        for name in ("t_local", "heads", "head_dim_k", "head_dim_v", "zeco_slices", "a2a_tensors", "act_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def family(self) -> str:
@@ -393,8 +406,7 @@ class Problem:
 
     @property
     def transition_bytes(self) -> int:
-        return self.heads * {"scalar": 1, "diagonal": self.head_dim_k,
-                             "dense": self.head_dim_k * self.head_dim_k}[self.family] * FP32
+        return self.heads * transition_elems(self.family, self.head_dim_k) * FP32
 
 
 @dataclass
@@ -408,7 +420,8 @@ class Prediction:
     comm_fwd_s: float = 0.0       # side-stream time per pass: collectives and folds
     comm_bwd_s: float = 0.0
     exposed_s: float = 0.0        # what the kernel does not hide
-    sp_compute_s: float = 0.0     # SP-only compute on the critical path (state passes)
+    sp_compute_s: float = 0.0     # SP-only compute on the critical path: state passes (a2a: the kernel on
+                                  # the whole sequence with H/P heads, minus the numerator)
     bytes_received_per_rank: float = 0.0  # fwd + bwd
     note: str = ""
 

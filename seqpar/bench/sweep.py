@@ -248,7 +248,7 @@ def missing_command(argv: list[str]) -> str | None:
 
 def command_argv(sweep: Sweep, values: dict, out: Path) -> list[str]:
     """The template split like a shell line, then each word filled in (values cannot split words)."""
-    fill = {**{k: v for k, v in values.items()}, "out": str(out), "python": sys.executable}
+    fill = {**values, "out": str(out), "python": sys.executable}
     return [word.format(**fill) for word in shlex.split(sweep.point["command"])]
 
 
@@ -356,9 +356,9 @@ def run_sweep(sweep: Sweep, out_dir: Path | None = None, retry_failed: bool = Fa
         log(f"[{i + 1}/{len(todo)}] {point_key(values)} ...", flush=True)
         rec = run_point(sweep, values, out_dir)
         ran += 1
-        obs = observations(sweep, [rec])
-        summary = ", ".join(f"{k}={_fmt(v)}" for k, v in obs[0].items() if k not in values and k != "status") if len(obs) == 1 else (
-            f"{len(obs)} rows" if rec["status"] == "ok" else "")
+        obs = observations(sweep, [rec]) if rec["status"] == "ok" else []
+        summary = f"{len(obs)} rows" if len(obs) > 1 else ", ".join(
+            f"{k}={_fmt(v)}" for o in obs for k, v in o.items() if k not in values and k != "status")
         log(f"    {rec['status']} in {rec['seconds']:.1f} s" + (f": {summary}" if summary else "")
             + (f"\n    {rec['error']}" if rec["error"] else ""), flush=True)
     records = [r for r in (_read_record(record_path(out_dir, v)) for v in points) if r is not None]
