@@ -110,6 +110,9 @@ def test_kernel_time_interpolation_proxy_and_scaling():
     assert M.kernel_time(cal, "gla", 32768, 16, 128, 128)[0] == pytest.approx(4.0e-3 * (14.5 / 4.0) ** 0.5)
     s, src = M.kernel_time(cal, "linear_attn", 65536, 8, 128, 128)
     assert s == pytest.approx(5.9e-3 / 2) and "proxy" in src
+    per_token = M.Model(M.Problem(variant="gla"), M.build_machine(cal), cal, kernel_us_per_token=0.2)
+    assert per_token.kernel_s(65536, 16) == pytest.approx(0.2e-6 * 65536)
+    assert per_token.predict("a2a", 4).sp_compute_s == pytest.approx(0.0, abs=1e-12)  # linear in tokens and heads
 
 
 def test_fit_link_recovers_parameters():
