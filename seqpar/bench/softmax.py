@@ -24,10 +24,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar import sp
-from seqpar.bench.sp import DTYPES, _init_distributed, _time
 from seqpar.comm import collectives as C
 from seqpar.sp import blockwise
 from seqpar_kernels.testing import rel_err
+
+from .sp import DTYPES
+from .timing import init_distributed, median_ms
 
 
 def configure(parser) -> None:
@@ -196,8 +198,8 @@ def _timings(args, device, dtype) -> list[dict]:
     for T in args.seq_lens:
         for Hkv in args.kv_heads:
             full = [x.requires_grad_() for x in _inputs(1, T, Hq, Hkv, D, dtype, device, seed=rank)]
-            t_sdpa = _time(_fwd_bwd(_sdpa_flash, *full), device, args.warmup, args.repeat)
-            t_own = _time(_fwd_bwd(blockwise.attention, *full), device, args.warmup, args.repeat)
+            t_sdpa = median_ms(_fwd_bwd(_sdpa_flash, *full), device, args.warmup, args.repeat)
+            t_own = median_ms(_fwd_bwd(blockwise.attention, *full), device, args.warmup, args.repeat)
             del full
             loc = [x.requires_grad_() for x in _inputs(1, T // P, Hq, Hkv, D, dtype, device, seed=rank)]
             kv_local_gib = 2 * (T // P) * Hkv * D * loc[0].element_size() / 2**30
@@ -207,7 +209,7 @@ def _timings(args, device, dtype) -> list[dict]:
                         return sp.softmax_attention(q, k, v, method=method, layout=layout, validate=False)
 
                     run = _fwd_bwd(attn, *loc)
-                    t_sp = _time(run, device, args.warmup, args.repeat)
+                    t_sp = median_ms(run, device, args.warmup, args.repeat)
                     row = {"T": T, "P": P, "heads": Hq, "kv_heads": Hkv, "layout": layout, "method": method,
                            "sdpa_1gpu_ms": t_sdpa, "seqpar_1gpu_ms": t_own, "sp_ms": t_sp,
                            "efficiency": t_sdpa / P / t_sp, "efficiency_vs_seqpar_1gpu": t_own / P / t_sp,
@@ -243,7 +245,7 @@ def _table(checks, rows) -> str:
 
 
 def main(args) -> int:
-    device = _init_distributed()
+    device = init_distributed()
     P, rank = C.size(), C.rank()
     dtype = DTYPES[args.dtype]
     checks = [] if args.no_check else _checks(args, device, dtype)
