@@ -294,10 +294,23 @@ def resolve_impl(impl: str, q: torch.Tensor) -> str:
 
 
 # ---- one block pair, forward and backward -----------------------------------------------------------
+@dataclass
+class KeyBlock:
+    """Keys from elsewhere: k, v [B, n, Hkv, D] starting at global position `start`; in backward,
+    their dK/dV are added into `grad` [2, B, n, Hkv, D] (accumulation dtype)."""
+    start: int
+    k: torch.Tensor
+    v: torch.Tensor
+    grad: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Spec:
     """One blockwise attention call. Spans are (local offset, length, global start) runs of the
-    local tensors; `remote` (optional) yields further key blocks (see softmax_attention)."""
+    local tensors. `remote` (optional) brings keys from elsewhere: `start(kv)` with the local
+    [2, B, T, Hkv, D] K/V begins its transfers, `blocks(backward)` yields KeyBlocks as they arrive,
+    and after the backward's blocks `finish()` returns the dK/dV of the local keys that the other
+    places computed (see softmax_attention)."""
     q_spans: tuple[tuple[int, int, int], ...]
     k_spans: tuple[tuple[int, int, int], ...]
     mask: Mask
@@ -434,7 +447,9 @@ class _BlockwiseAttention(torch.autograd.Function):
             _span(dkv[1], ks).add_(dv)
         if spec.remote is not None:
             for blk in spec.remote.blocks(backward=True):
-                spec.remote.put_grads(blk, *grads_of(blk.k, blk.v, blk.start))
+                dk, dv = grads_of(blk.k, blk.v, blk.start)
+                blk.grad[0].add_(dk)
+                blk.grad[1].add_(dv)
             dkv += spec.remote.finish()
         dq = torch.cat([b[-1].view(B, -1, Hq, D) for b in blocks], 1)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None

@@ -27,7 +27,8 @@ import torch
 from seqpar.comm import collectives as C
 from seqpar_kernels import InputError
 
-from .blockwise import Mask, Spec, acc_dtype, as_list, blockwise_attention, check_inputs, key_hull, resolve_impl
+from .blockwise import (KeyBlock, Mask, Spec, acc_dtype, as_list, blockwise_attention, check_inputs, key_hull,
+                        resolve_impl)
 from .layout import LAYOUTS, local_positions, split_error
 
 METHODS = ("allgather", "ring")
@@ -124,14 +125,6 @@ def exchange_plan(layout: str, P: int, L: int, mask: Mask) -> ExchangePlan:
     return ExchangePlan(spans, tuple(need))
 
 
-@dataclass
-class KeyBlock:
-    start: int           # global position of its first key
-    k: torch.Tensor      # [B, n, Hkv, D]
-    v: torch.Tensor
-    grad: torch.Tensor | None  # [2, B, n, Hkv, D], where its dK/dV go (backward)
-
-
 def _piece(x: torch.Tensor, p: Piece) -> torch.Tensor:
     """The piece's tokens of x [2, B, T_local, Hkv, D]."""
     return x[:, :, p.offset:p.offset + p.length]
@@ -157,10 +150,6 @@ class _Gathered:
                 kv = _piece(self.kv_all[s], p)
                 yield KeyBlock(p.start, kv[0], kv[1], _piece(self.grads[s], p) if backward else None)
         self.kv_all = None
-
-    def put_grads(self, blk: KeyBlock, dk, dv) -> None:
-        blk.grad[0] += dk
-        blk.grad[1] += dv
 
     def finish(self) -> torch.Tensor:
         grads, self.grads = self.grads, None
@@ -248,10 +237,6 @@ class _Direct:
             for p, g in zip(self.plan.need[peer][self.me], self._views(buf, self.plan.need[peer][self.me])):
                 _piece(self.total, p).add_(g)
         self.grads_in_flight = None
-
-    def put_grads(self, blk: KeyBlock, dk, dv) -> None:
-        blk.grad[0] += dk
-        blk.grad[1] += dv
 
     def finish(self) -> torch.Tensor:
         self._land_grads()
