@@ -41,10 +41,11 @@ def reference(q, k, v, causal=True, cu=None, window=None):
 
 
 def documents(T: int, P: int) -> list[int]:
-    """Odd-length documents: one of a single token, one ending exactly on a contiguous shard edge,
-    one spanning three ranks (P >= 3), and documents crossing rank boundaries."""
+    """Odd-length documents crossing rank boundaries, one of a single token; P = 3: one spanning
+    all three ranks; otherwise one ending exactly on a shard edge and (P = 4) one spanning three."""
     S = T // P
-    return sorted({0, 1, 6, S, S + 3, 3 * S - 2, T - 4, T} & set(range(T + 1)))
+    cuts = {0, 1, 6, 2 * S + 2, T - 1, T} if P == 3 else {0, 1, 6, S, S + 3, T - 4, T}
+    return sorted(cuts & set(range(T + 1)))
 
 
 def problem(P, layout, B, Hq, Hkv, packed, seed):
