@@ -9,5 +9,7 @@ from .layout import LAYOUTS, shard, unshard
 from .linear_attention import METHODS, linear_attention
 from .softmax_attention import METHODS as SOFTMAX_METHODS
 from .softmax_attention import softmax_attention
+from .tokens import LocalTokens, local_tokens, previous_tokens
 
-__all__ = ["LAYOUTS", "METHODS", "SOFTMAX_METHODS", "shard", "unshard", "linear_attention", "softmax_attention"]
+__all__ = ["LAYOUTS", "METHODS", "SOFTMAX_METHODS", "shard", "unshard", "linear_attention", "softmax_attention",
+           "LocalTokens", "local_tokens", "previous_tokens"]
