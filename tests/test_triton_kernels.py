@@ -1,6 +1,7 @@
 """The Triton kernels on the CPU under TRITON_INTERPRET=1 against the float64 recurrence.
 
-Every entry point (forward, backward, final_state, state_grad, autograd through backend "triton")
+Every entry point (forward, backward, final_state, state_grad, the same with part of h0 / dht
+supplied late as the SP layer does, autograd through backend "triton")
 at tiny sizes: odd lengths, packed documents, head dimensions that are not powers of two, several
 K/V tiles, segments of one chunk (so the segment scan runs), with and without h0 and dht.
 The interpreter computes bf16 wrongly (triton issue 11584): fp32 here, and one fp16 case.
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import seqpar_kernels as sk  # noqa: E402
-from seqpar_kernels.explicit import ExplicitKernel  # noqa: E402
+from seqpar_kernels.explicit import ExplicitKernel, plus_late  # noqa: E402
 from seqpar_kernels.triton import TritonKernel, family, gated  # noqa: E402
 from seqpar_kernels.triton.check import TOLERANCE, Case, run_case  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -36,11 +37,11 @@ class Segmented(ExplicitKernel):
     def __init__(self, segment_chunks: int):
         self.kw = {"segment_chunks": segment_chunks}
 
-    def forward(self, call, h0):
-        return family(call).forward(call, h0, **self.kw)
+    def forward(self, call, h0, h0_late=None):
+        return family(call).forward(call, plus_late(h0, h0_late), **self.kw)
 
-    def backward(self, call, h0, do, dht):
-        return family(call).backward(call, h0, do, dht, **self.kw)
+    def backward(self, call, h0, do, dht, dht_late=None):
+        return family(call).backward(call, h0, do, plus_late(dht, dht_late), **self.kw)
 
     def final_state(self, call, h0):
         return family(call).final_state(call, h0, **self.kw)
@@ -54,7 +55,8 @@ def check_case(case: Case, kernel: ExplicitKernel | None = None, seed: int = 0, 
     errs = run_case(case, kernel or TritonKernel(), device="cpu", seed=seed, ref_backend="naive")
     tol = tol or TOLERANCE[case.torch_dtype]
     expected = {"o", "ht", "dq", "dk", "dv", "dh0", "final_state", "state_grad", "autograd_o", "autograd_dq",
-                "autograd_dk", "autograd_dv", "autograd_dh0"}
+                "autograd_dk", "autograd_dv", "autograd_dh0"} | ({"late_o", "late_ht"} if case.h0 else set()) | (
+                {"late_dk", "late_dh0"} if case.dht else set())
     assert expected <= set(errs), f"{case.label()}: missing {expected - set(errs)}"
     bad = {k: f"{v:.1e}" for k, v in errs.items() if not v < tol}
     assert not bad, f"{case.label()}: relative errors over {tol:.0e}: {bad}"

@@ -4,6 +4,9 @@
     forward(call, h0) -> (o, ht)            backward(call, h0, do, dht) -> Grads
     final_state(call, h0) -> ht             state_grad(call, do, dht) -> dh0
 
+and the gated module also takes explicit.py's late initial state / final-state gradient
+(forward(call, h0, h0_late), backward(call, h0, do, dht, dht_late)), called after its state pass.
+
 TritonKernel picks the family by the call (beta present: delta rule); chunk_triton wraps it in
 autograd and is what backend "triton" runs. On the CPU they run only under TRITON_INTERPRET=1,
 which must be set before this package is first imported.
@@ -14,7 +17,7 @@ import importlib
 
 import torch
 
-from ..explicit import Call, ExplicitKernel, Grads
+from ..explicit import Call, ExplicitKernel, Grads, plus_late
 from . import gated
 
 
@@ -32,11 +35,15 @@ def family(call: Call):
 
 
 class TritonKernel(ExplicitKernel):
-    def forward(self, call: Call, h0):
-        return family(call).forward(call, h0)
+    def forward(self, call: Call, h0, h0_late=None):
+        if call.beta is None:  # the gated kernels resolve h0_late after their state pass
+            return gated.forward(call, h0, h0_late)
+        return family(call).forward(call, plus_late(h0, h0_late))
 
-    def backward(self, call: Call, h0, do, dht) -> Grads:
-        return family(call).backward(call, h0, do, dht)
+    def backward(self, call: Call, h0, do, dht, dht_late=None) -> Grads:
+        if call.beta is None:
+            return gated.backward(call, h0, do, dht, dht_late)
+        return family(call).backward(call, h0, do, plus_late(dht, dht_late))
 
     def final_state(self, call: Call, h0):
         return family(call).final_state(call, h0)

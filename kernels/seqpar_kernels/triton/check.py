@@ -2,8 +2,8 @@
 
     python -m seqpar_kernels.triton.check [--variants gla simple_gla ...] [--quick] [--json PATH]
 
-Runs every kernel entry point (forward, backward, final_state, state_grad, and autograd through
-backend "triton") at several shapes: odd lengths, packed documents, initial state and final-state
+Runs every kernel entry point (forward, backward, final_state, state_grad, the same with part of
+the initial state / final-state gradient supplied late, and autograd through backend "triton") at several shapes: odd lengths, packed documents, initial state and final-state
 gradient on and off, each head dimension and each input dtype. Prints the largest relative error
 ||x - ref|| / ||ref|| of every case with pass/fail against the dtype's tolerance; exits 1 on any
 failure. The CPU tests (TRITON_INTERPRET=1) use the same functions at tiny sizes.
@@ -107,6 +107,12 @@ def kernel_results(kernel: ExplicitKernel, call: Call, h0, do, dht) -> dict:
     gr = kernel.backward(call, h0, do, dht)
     res = {"o": o, "ht": ht, "dq": gr.dq, "dk": gr.dk, "dv": gr.dv, "dg": gr.dg, "dbeta": gr.dbeta,
            "dh0": gr.dh0, "final_state": kernel.final_state(call, h0), "state_grad": kernel.state_grad(call, do, dht)}
+    # the sequence-parallel layer's calls: part of h0 / dht supplied late
+    if h0 is not None:
+        res["late_o"], res["late_ht"] = kernel.forward(call, 0.5 * h0, lambda: h0 - 0.5 * h0)
+    if dht is not None:
+        late = kernel.backward(call, h0, do, 0.5 * dht, lambda: dht - 0.5 * dht)
+        res["late_dk"], res["late_dg"], res["late_dh0"] = late.dk, late.dg, late.dh0
     from . import chunk_triton
 
     x = KernelInputs(call.q, call.k, call.v, call.g, call.beta, h0)
@@ -124,10 +130,11 @@ def kernel_results(kernel: ExplicitKernel, call: Call, h0, do, dht) -> dict:
 def compare(got: dict, want: dict) -> dict[str, float]:
     """Relative error of every quantity the kernel returned (NaN never passes)."""
     pairs = {k: k for k in want} | {"final_state": "ht", "state_grad": "dh0"} | {
-        f"autograd_{k}": k for k in ("o", "dq", "dk", "dv", "dg", "dbeta", "dh0")}
+        f"autograd_{k}": k for k in ("o", "dq", "dk", "dv", "dg", "dbeta", "dh0")} | {
+        f"late_{k}": k for k in ("o", "ht", "dk", "dg", "dh0")}
     errs = {}
     for name, ref_name in pairs.items():
-        if want.get(ref_name) is None:
+        if want.get(ref_name) is None or (name.startswith("late_") and name not in got):
             continue
         if got.get(name) is None:
             errs[name] = float("inf")

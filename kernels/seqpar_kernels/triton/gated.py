@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..explicit import Call, Grads
+from ..explicit import Call, Grads, plus_late
 from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
@@ -581,16 +581,14 @@ class _Setup:
             STORE_IN=store_in, **self.launch)
         return (seg_in if store_in else None), out
 
-    def forward_states(self, h0):
-        """Chunk states, their decays and every segment's incoming state."""
-        states, cdec, seg_state, seg_dec = self.state_pass(self.k, self.v, reverse=False, store=True)
-        seg_in, ht = self.scan(seg_state, seg_dec, h0, reverse=False, store_in=True)
-        return states, cdec, seg_in, ht
-
-    def backward_states(self, do, dht):
-        dstates, cdec, seg_state, seg_dec = self.state_pass(self.q, do, reverse=True, store=True)
-        seg_dout, dh0 = self.scan(seg_state, seg_dec, dht, reverse=True, store_in=True)
-        return dstates, cdec, seg_dout, dh0
+    def states(self, x, y, start, start_late, reverse: bool):
+        """Chunk states (forward: x, y = k, v, start = h0) or state gradients (reverse: q, do, dht),
+        their decays, every segment's incoming state and the carry at the end (ht or dh0). The
+        segment-local pass does not need the start: start_late() is called only after it is queued,
+        so an exchange that supplies part of the start overlaps it."""
+        states, cdec, seg_state, seg_dec = self.state_pass(x, y, reverse=reverse, store=True)
+        seg_in, end = self.scan(seg_state, seg_dec, plus_late(start, start_late), reverse=reverse, store_in=True)
+        return states, cdec, seg_in, end
 
     def apply(self, x, y, z, states, cdec, seg_in, reverse: bool):
         """The output pass (x, y, z = q, k, v) or, reversed, the dv pass (k, q, do)."""
@@ -624,10 +622,10 @@ def check_supported(call: Call) -> None:
                          "use backend='torch' or split the heads")
 
 
-def forward(call: Call, h0, *, segment_chunks: int | None = None):
+def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
     """(o, ht): outputs in v's dtype and the fp32 final state of every sequence."""
     st = _Setup(call, segment_chunks)
-    states, cdec, seg_in, ht = st.forward_states(h0)
+    states, cdec, seg_in, ht = st.states(st.k, st.v, h0, h0_late, reverse=False)
     return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False), ht
 
 
@@ -646,11 +644,11 @@ def state_grad(call: Call, do, dht, *, segment_chunks: int | None = None):
     return st.scan(seg_state, seg_dec, dht, reverse=True, store_in=False)[1]
 
 
-def backward(call: Call, h0, do, dht, *, segment_chunks: int | None = None) -> Grads:
+def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | None = None) -> Grads:
     st = _Setup(call, segment_chunks)
     do = do.to(st.v.dtype).contiguous()
-    states, cdec_f, seg_in, _ = st.forward_states(h0)
-    dstates, cdec_r, seg_dout, dh0 = st.backward_states(do, dht)
+    states, cdec_f, seg_in, _ = st.states(st.k, st.v, h0, None, reverse=False)
+    dstates, cdec_r, seg_dout, dh0 = st.states(st.q, do, dht, dht_late, reverse=True)
     H, K, V = st.H, st.K, st.V
     gate_arg = st.g if st.g is not None else st.q
     bk, bv, launch = st.tiles("dqk")
