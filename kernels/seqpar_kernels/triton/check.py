@@ -154,8 +154,11 @@ def run_case(case: Case, kernel: ExplicitKernel, device="cuda", seed: int = 0, r
     return compare(got, want)
 
 
-def gpu_cases(variants, quick: bool = False) -> list[Case]:
-    """Odd lengths, packed documents, with and without h0/dht, each head dimension and dtype."""
+def gpu_cases(variants, quick: bool = False, smoke: bool = False) -> list[Case]:
+    """Odd lengths, packed documents, with and without h0/dht, each head dimension and dtype
+    (smoke: only the benchmark's configuration, bf16 K = V = 128 H = 16, packed and odd)."""
+    if smoke:
+        return [Case(v, 1, 4099, 16, 128, 128, "bfloat16", n_docs=3) for v in variants]
     out = []
     for v in variants:
         out += [
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m seqpar_kernels.triton.check", description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="+", default=list(GATED + DELTA), choices=list(GATED + DELTA))
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    p.add_argument("--smoke", action="store_true", help="one case per variant in the benchmark's configuration")
     p.add_argument("--reference", default="torch", choices=["torch", "naive"])
     p.add_argument("--json", help="write every case's errors here")
     p.add_argument("--jobs", type=int, default=1,
@@ -187,7 +191,7 @@ def main(argv=None) -> int:
     from . import TritonKernel
 
     kernel, rows, failed = TritonKernel(), [], 0
-    for i, case in enumerate(gpu_cases(args.variants, args.quick)):
+    for i, case in enumerate(gpu_cases(args.variants, args.quick, args.smoke)):
         tol = TOLERANCE[case.torch_dtype]
         try:
             errs = run_case(case, kernel, "cuda", seed=i, ref_backend=args.reference)
@@ -221,7 +225,8 @@ def _run_parallel(args) -> int:
         while pending and len(procs) < args.jobs:
             v = pending.pop(0)
             cmd = [sys.executable, "-m", __name__, "--variants", v, "--reference", args.reference,
-                   "--json", os.path.join(tmp, f"{v}.json")] + (["--quick"] if args.quick else [])
+                   "--json", os.path.join(tmp, f"{v}.json")] + (["--quick"] if args.quick else []) + (
+                   ["--smoke"] if args.smoke else [])
             procs[v] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         v = next(iter(procs))
         out, _ = procs.pop(v).communicate()
