@@ -156,7 +156,7 @@ def run_case(case: Case, kernel: ExplicitKernel, device="cuda", seed: int = 0, r
 
 def gpu_cases(variants, quick: bool = False, smoke: bool = False) -> list[Case]:
     """Odd lengths, packed documents, with and without h0/dht, each head dimension and dtype
-    (smoke: only the benchmark's configuration, bf16 K = V = 128 H = 16, three documents of odd
+    (smoke: only the benchmark's configuration, bf16 K = V = 128 H = 16, three packed documents of random
     lengths, compiled as the benchmark compiles them)."""
     if smoke:
         return [Case(v, 1, 4096, 16, 128, 128, "bfloat16", n_docs=3) for v in variants]
