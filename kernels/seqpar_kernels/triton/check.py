@@ -1,10 +1,12 @@
 """Check the Triton kernels against the float64 reference.
 
-    python -m seqpar_kernels.triton.check [--variants gla simple_gla ...] [--quick] [--json PATH]
+    python -m seqpar_kernels.triton.check [--variants gla simple_gla ...] [--quick | --smoke] [--jobs N]
+                                          [--json PATH]
 
 Runs every kernel entry point (forward, backward, final_state, state_grad, the same with part of
-the initial state / final-state gradient supplied late, and autograd through backend "triton") at several shapes: odd lengths, packed documents, initial state and final-state
-gradient on and off, each head dimension and each input dtype. Prints the largest relative error
+the initial state / final-state gradient supplied late, and autograd through backend "triton") at
+several shapes: odd lengths, packed documents, initial state and final-state gradient on and off,
+each head dimension and each input dtype. Prints the largest relative error
 ||x - ref|| / ||ref|| of every case with pass/fail against the dtype's tolerance; exits 1 on any
 failure. The CPU tests (TRITON_INTERPRET=1) use the same functions at tiny sizes.
 

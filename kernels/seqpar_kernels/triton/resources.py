@@ -20,7 +20,6 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from ..explicit import Call
 from ..testing import random_inputs
 from . import check, gated
 
@@ -108,9 +107,9 @@ def main(argv=None) -> int:
             if key in seen:
                 continue
             seen.add(key)
-            label = f"{fn.__name__} " + " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in flags.items())
-            print(f"{label:62s} warps {options.get('num_warps')} stages {options.get('num_stages')}  {describe(kernel)}",
-                  flush=True)
+            label = fn.__name__ + "".join(f" {k}={int(v) if isinstance(v, bool) else v}" for k, v in flags.items())
+            launch = f"warps {options.get('num_warps')} stages {options.get('num_stages')}"
+            print(f"{label:62s} {launch}  {describe(kernel)}", flush=True)
     return 0
 
 
