@@ -49,24 +49,14 @@ def unusable_reason(backend: str, device: torch.device | None = None) -> str | N
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete backend for tensors on `device`; check that it can run there."""
+    """Turn "auto" into a concrete backend for tensors on `device` (Triton on CUDA when it is
+    installed, else torch); check that it can run there."""
     if backend == "auto":
-        if device.type == "cuda" and _triton_unusable(device) is None and _triton_impl() is not None:
-            return "triton"
-        return "torch"
+        return "triton" if device.type == "cuda" and _triton_unusable(device) is None else "torch"
     why = unusable_reason(backend, device)
     if why is not None:
         raise RuntimeError(f"kernel backend {backend!r} cannot run on {device}: {why}")
     return backend
-
-
-def _triton_impl():
-    """The Triton chunk implementation, once its module exists (None before)."""
-    if importlib.util.find_spec("seqpar_kernels.triton") is None:
-        return None
-    from .triton import chunk_triton
-
-    return chunk_triton
 
 
 def implementation(backend: str):
@@ -75,10 +65,9 @@ def implementation(backend: str):
     if backend == "naive":
         return naive_recurrence
     if backend == "triton":
-        impl = _triton_impl()
-        if impl is None:
-            raise RuntimeError("the Triton kernels are not part of this build of seqpar_kernels")
-        return impl
+        from .triton import chunk_triton
+
+        return chunk_triton
     if backend == "fla":
         from .fla_backend import chunk_fla
 

@@ -91,13 +91,15 @@ def plus_late(x, late):
 
 class TorchKernel(ExplicitKernel):
     """The chunked PyTorch reference; backward by autograd on a recomputed forward. The state
-    passes of the gated family use their closed forms (summaries.py)."""
+    passes of the gated family use their closed forms (summaries.py). A subclass with another
+    differentiable `impl` (same arguments) gets the same explicit calls."""
+
+    impl = staticmethod(chunk_reference)
 
     def forward(self, call: Call, h0, h0_late=None):
         h0 = plus_late(h0, h0_late)
         with torch.no_grad():
-            o, ht = chunk_reference(call.q, call.k, call.v, call.g, call.beta, call.scale, h0, True,
-                                    call.cu_seqlens)
+            o, ht = self.impl(call.q, call.k, call.v, call.g, call.beta, call.scale, h0, True, call.cu_seqlens)
         return o, ht
 
     def _inputs(self, call: Call, h0):
@@ -113,8 +115,8 @@ class TorchKernel(ExplicitKernel):
     def _grad(self, call, h0, do, dht, wanted):
         with torch.enable_grad():
             x = self._inputs(call, h0)
-            o, ht = chunk_reference(x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), call.scale, x["h0"], True,
-                                    call.cu_seqlens)
+            o, ht = self.impl(x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), call.scale, x["h0"], True,
+                              call.cu_seqlens)
             outs, grads = [o], [do]
             if dht is not None:
                 outs.append(ht)

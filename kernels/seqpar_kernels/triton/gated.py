@@ -1,0 +1,672 @@
+"""Triton chunkwise kernels for the gated family: linear_attn, lightning, simple_gla, gla.
+
+Per head, S_t = Diag(exp(g_t)) S_{t-1} + k_t v_t^T and o_t = scale * S_t^T q_t, with g absent
+(GATE 0), one log decay per token (GATE 1, [B,T,H]; lightning arrives expanded to this form) or
+one per key channel (GATE 2, [B,T,H,K]).
+
+Chunks of C = 64 tokens. Inside a chunk G is the cumulative log2 decay (g / ln 2, cumsum), and
+every decay factor is exp2(G_i - G_j) with G_i <= G_j, never exp(-G): nothing overflows however
+strong the gate. The passes:
+
+* state pass (`_state_pass_kernel`): one program per (segment of chunks, head, K/V tile), walking
+  its chunks in order and storing the state entering each chunk, started from zero at the segment
+  start; reversed (q, do instead of k, v) it gives the state gradient leaving each chunk.
+* scan (`_scan_kernel`): per sequence, folds the segments' local states in order to get the true
+  state entering (leaving) each segment, with the initial state (final-state gradient).
+  A chunk's true state is its local one plus the segment's incoming state decayed to the chunk.
+* chunk-parallel passes: outputs and, run backwards in time, dv (`_apply_kernel`); dq/dk/dg
+  (`_bwd_dqk_kernel`).
+
+Per-key gates inside a chunk: blocks of BC = 16 tokens; pairs in different blocks go through
+tensor-core products with the block's first row as the reference point (both factors <= 1); pairs
+inside a block are formed element by element. No tl.trans anywhere: transposed operands are loaded
+transposed (Triton 3.4-3.7.0 on Hopper miscompiles tl.trans of matrix-product results).
+
+dg uses the chunk-local identity dG_i = q_i*dq_i - k_i*dk_i (plus the state term at the chunk end)
+and dg = reverse cumsum of dG within the chunk, so nothing long-range cancels.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..explicit import Call, Grads, plus_late
+from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
+
+LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
+CHUNK = 64
+BLOCK = 16  # sub-chunk of the per-key intra-chunk products
+BLOCK_K = 4  # key columns per in-block product of per-key gates ([4, 16, 16, 4] tensors)
+
+# (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
+# BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
+# sm_90 compiler's resource report (Triton 3.6): no register spills (except 176 bytes in the per-key
+# dq/dk pass, whose BK=16 alternative recomputes dA twice as often), two or more programs per SM where
+# the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
+# tuning runs: every setting used must pass the GPU check.
+TILES = {
+    "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
+    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+    "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
+    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+}
+for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
+    _name, _gate = _key.split(":")
+    TILES[_name][int(_gate)] = tuple(_val)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers (inlined into the kernels)
+
+@triton.jit
+def _gate_scalar(g, t0, o_t, m_t, i_h, H):
+    """Per-token gate of one chunk as log2 decays: (G [C] cumulative, G_last scalar)."""
+    b_g = tl.load(g + t0 * H + i_h + o_t * H, mask=m_t, other=0).to(tl.float32) * LOG2E
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _gate_key(g, t0, o_t, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
+    """Per-key gate [C, BK] of one chunk: (G cumulative over rows, G_last [BK])."""
+    b_g = _tile(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * LOG2E
+    return tl.cumsum(b_g, 0), tl.sum(b_g, 0)
+
+
+@triton.jit
+def _gate_key_t(g, t0, o_t, m_t, i_h, H, K: tl.constexpr, o_k, m_k):
+    """The same, loaded transposed [BK, C] (cumulative over columns)."""
+    b_g = _tile_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k).to(tl.float32) * LOG2E
+    return tl.cumsum(b_g, 1)
+
+
+@triton.jit
+def _chunk(chunk_start, chunk_end, chunk_seg, i_c):
+    """Chunk i_c: (first row, number of rows, segment)."""
+    t0 = tl.load(chunk_start + i_c)
+    n = tl.load(chunk_end + i_c) - t0
+    return t0.to(tl.int64), n, tl.load(chunk_seg + i_c).to(tl.int64)
+
+
+@triton.jit
+def _tile(x, t0, o_t, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
+    """Tile [C, BD] of a [rows, H, D] tensor: rows t0 + o_t, columns o_d. A 64-bit base and
+    32-bit offsets (64-bit offsets per element cost registers)."""
+    return tl.load(x + (t0 * H + i_h) * D + (o_t[:, None] * (H * D) + o_d[None, :]),
+                   mask=m_t[:, None] & m_d[None, :], other=0)
+
+
+@triton.jit
+def _tile_t(x, t0, o_t, m_t, i_h, H, D: tl.constexpr, o_d, m_d):
+    """The transposed tile [BD, C]."""
+    return tl.load(x + (t0 * H + i_h) * D + (o_t[None, :] * (H * D) + o_d[:, None]),
+                   mask=m_t[None, :] & m_d[:, None], other=0)
+
+
+@triton.jit
+def _state_tiles(local, seg_in, c, s, i_h, H, K: tl.constexpr, V: tl.constexpr, o_k, m_k, o_v, m_v,
+                 TRANS: tl.constexpr):
+    """Chunk c's segment-local state and its segment's incoming state, as stored: [BK, BV] each,
+    or [BV, BK] if TRANS. The chunk's true state is local + decay_to_chunk * incoming."""
+    if TRANS:
+        off = o_k[None, :] * V + o_v[:, None]
+        m = m_k[None, :] & m_v[:, None]
+    else:
+        off = o_k[:, None] * V + o_v[None, :]
+        m = m_k[:, None] & m_v[None, :]
+    b_l = tl.load(local + (c * H + i_h) * K * V + off, mask=m, other=0)
+    b_s = tl.load(seg_in + (s * H + i_h) * K * V + off, mask=m, other=0)
+    return b_l, b_s
+
+
+@triton.jit
+def _decay_to_chunk(cdec, c, i_h, H, K: tl.constexpr, o_k, m_k, GATE: tl.constexpr):
+    """exp2 of the log2 decay between the segment boundary and chunk c: 1 (GATE 0), a scalar
+    (GATE 1) or one value per key [BK] (GATE 2)."""
+    if GATE == 1:
+        return tl.exp2(tl.load(cdec + c * H + i_h))
+    elif GATE == 2:
+        return tl.exp2(tl.load(cdec + (c * H + i_h) * K + o_k, mask=m_k, other=0))
+    else:
+        return 1.0
+
+
+@triton.jit
+def _block_diagonal(x, NB: tl.constexpr, BC: tl.constexpr):
+    """[NB, BC, BC] blocks -> the [NB*BC, NB*BC] matrix with them on its diagonal."""
+    o_b = tl.arange(0, NB)
+    same = o_b[:, None, None, None] == o_b[None, None, :, None]
+    return tl.reshape(tl.where(same, x[:, :, None, :], 0.0), (NB * BC, NB * BC))
+
+
+@triton.jit
+def _block_tile(x, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
+                ON_AXIS1: tl.constexpr):
+    """x (fp32) and the within-block cumulative log2 gate of the BC-row blocks of a chunk, for
+    columns o_k: shaped [NB, BC, 1, BKD] (rows on axis 1) or [NB, 1, BC, BKD] (rows on axis 2).
+    Inside one block G_i - G_j needs no offset from earlier blocks."""
+    o_b = tl.arange(0, NB)
+    o_l = tl.arange(0, BC)
+    if ON_AXIS1:
+        o_t = o_b[:, None, None, None] * BC + o_l[None, :, None, None]
+    else:
+        o_t = o_b[:, None, None, None] * BC + o_l[None, None, :, None]
+    m = (o_t < n) & m_k[None, None, None, :]
+    off = o_t * (H * K) + o_k[None, None, None, :]
+    base = (t0 * H + i_h) * K
+    b_x = tl.load(x + base + off, mask=m, other=0).to(tl.float32)
+    b_g = tl.load(g + base + off, mask=m, other=0).to(tl.float32) * LOG2E
+    if ON_AXIS1:
+        b_G = tl.cumsum(b_g, 1)
+    else:
+        b_G = tl.cumsum(b_g, 2)
+    return b_x, b_G
+
+
+@triton.jit
+def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
+                 REVERSE: tl.constexpr):
+    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_later,k - G_earlier,k) over the pairs of one block whose
+    later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. a holds the
+    later token (a=q, b=k: A's diagonal blocks) or, REVERSE, b does (a=k, b=q: A^T's)."""
+    b_a, b_Ga = _block_tile(a, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, True)
+    b_b, b_Gb = _block_tile(b, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, False)
+    o_l = tl.arange(0, BC)
+    r = o_l[None, :, None, None]
+    c = o_l[None, None, :, None]
+    if REVERSE:
+        b_e = tl.where(c >= r, b_Gb - b_Ga, float("-inf"))
+    else:
+        b_e = tl.where(r >= c, b_Ga - b_Gb, float("-inf"))
+    return tl.sum(b_a * b_b * tl.exp2(b_e), 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# state pass and scan
+
+@triton.jit
+def _state_pass_kernel(x, y, g, states, seg_state, seg_decay, chunk_decay,
+                       chunk_start, chunk_end, seg_first, seg_count, scale, H,
+                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       C: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr, STORE: tl.constexpr,
+                       DOT: tl.constexpr):
+    """Forward (x=k, y=v): S <- D S + (x * exp2(G_last - G))^T y, storing S before each chunk.
+    REVERSE (x=q, y=do, chunks last to first): dS <- D dS + scale (x * exp2(G))^T y, storing dS
+    after each chunk. Started from zero at the segment boundary; also stores the segment's local
+    result, its total log2 decay, and each stored state's log2 decay to the segment boundary."""
+    i_kv, i_s, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = i_kv // NV, i_kv % NV
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_t = tl.arange(0, C)
+    c_first = tl.load(seg_first + i_s).to(tl.int64)
+    n_c = tl.load(seg_count + i_s)
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    b_acc = tl.zeros([BK], dtype=tl.float32)  # log2 decay from the boundary (one value for GATE 1)
+    s_out = scale if GATE == 0 else 1.0  # without a gate the scale is applied on the way out
+    for step in range(0, n_c):
+        if REVERSE:
+            c = c_first + (n_c - 1 - step)
+        else:
+            c = c_first + step
+        t0 = tl.load(chunk_start + c)
+        m_t = o_t < tl.load(chunk_end + c) - t0
+        t0 = t0.to(tl.int64)
+        if STORE:
+            p = states + (c * H + i_h) * K * V + (o_k[:, None] * V + o_v[None, :])
+            tl.store(p, (b_S * s_out).to(states.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+            if GATE == 1:
+                if i_kv == 0:
+                    tl.store(chunk_decay + c * H + i_h, tl.max(b_acc, 0))
+            elif GATE == 2:
+                if i_v == 0:
+                    tl.store(chunk_decay + (c * H + i_h) * K + o_k, b_acc, mask=m_k)
+        b_xt = _tile_t(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_y = _tile(y, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        # the decay goes into the product's accumulator and the scale into x's weights
+        if GATE == 0:
+            b_S = tl.dot(b_xt, b_y, b_S, input_precision=DOT)
+        elif GATE == 1:
+            b_G, b_Gl = _gate_scalar(g, t0, o_t, m_t, i_h, H)
+            if REVERSE:
+                b_w = tl.exp2(b_G) * scale
+            else:
+                b_w = tl.exp2(b_Gl - b_G)
+            b_xw = (b_xt * b_w[None, :]).to(b_xt.dtype)
+            b_S = tl.dot(b_xw, b_y, b_S * tl.exp2(b_Gl), input_precision=DOT)
+            b_acc += b_Gl
+        else:
+            b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            b_Gl = tl.sum(tl.where(o_t[None, :] == C - 1, b_Gt, 0.0), 1)
+            if REVERSE:
+                b_w = tl.exp2(b_Gt) * scale
+            else:
+                b_w = tl.exp2(b_Gl[:, None] - b_Gt)
+            b_xw = (b_xt * b_w).to(b_xt.dtype)
+            b_S = tl.dot(b_xw, b_y, b_S * tl.exp2(b_Gl)[:, None], input_precision=DOT)
+            b_acc += b_Gl
+    p = seg_state + (i_s * H + i_h) * K * V + (o_k[:, None] * V + o_v[None, :])
+    tl.store(p, b_S * s_out, mask=m_k[:, None] & m_v[None, :])
+    if GATE == 1:
+        if i_kv == 0:
+            tl.store(seg_decay + i_s * H + i_h, tl.max(b_acc, 0))
+    elif GATE == 2:
+        if i_v == 0:
+            tl.store(seg_decay + (i_s * H + i_h) * K + o_k, b_acc, mask=m_k)
+
+
+@triton.jit
+def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, H,
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 GATE: tl.constexpr, REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_IN: tl.constexpr):
+    """Per sequence: carry <- D_s carry + local_s over its segments (last to first if REVERSE),
+    storing the carry entering each segment; starts from h0 and ends in h_out."""
+    i_kv, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = i_kv // NV, i_kv % NV
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    off = o_k[:, None] * V + o_v[None, :]
+    m = m_k[:, None] & m_v[None, :]
+    s_first = tl.load(seq_first + i_n).to(tl.int64)
+    n_s = tl.load(seq_count + i_n)
+    if HAS_H0:
+        b_c = tl.load(h0 + (i_n * H + i_h) * K * V + off, mask=m, other=0).to(tl.float32)
+    else:
+        b_c = tl.zeros([BK, BV], dtype=tl.float32)
+    for step in range(0, n_s):
+        if REVERSE:
+            s = s_first + (n_s - 1 - step)
+        else:
+            s = s_first + step
+        if STORE_IN:
+            tl.store(seg_in + (s * H + i_h) * K * V + off, b_c.to(seg_in.dtype.element_ty), mask=m)
+        if GATE == 1:
+            b_c = b_c * tl.exp2(tl.load(seg_decay + s * H + i_h))
+        elif GATE == 2:
+            b_c = b_c * tl.exp2(tl.load(seg_decay + (s * H + i_h) * K + o_k, mask=m_k, other=0))[:, None]
+        b_c += tl.load(seg_state + (s * H + i_h) * K * V + off, mask=m, other=0)
+    tl.store(h_out + (i_n * H + i_h) * K * V + off, b_c, mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunk-parallel passes
+
+@triton.jit
+def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end, chunk_seg, scale, H,
+                  K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                  BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr,
+                  DOT: tl.constexpr):
+    """Outputs of one chunk, head and V tile from its state and its intra-chunk products:
+    forward (x=q, y=k, z=v, states h):     o  = scale ((q * exp2(G)) h + sum_{j<=i} A_ij v_j)
+    REVERSE (x=k, y=q, z=do, states dh):   dv = (k * exp2(G_l - G)) dh + scale sum_{i>=j} A_ij do_i
+    with A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) and a state = local + decay * incoming."""
+    i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NB: tl.constexpr = C // BC
+    o_t = tl.arange(0, C)
+    t0, n_t, s = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
+    m_t = o_t < n_t
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    dt = x.dtype.element_ty
+    if REVERSE:
+        keep = o_t[:, None] <= o_t[None, :]  # A^T: row j, column i >= j
+    else:
+        keep = o_t[:, None] >= o_t[None, :]
+    b_o = tl.zeros([C, BV], dtype=tl.float32)
+    b_os = tl.zeros([C, BV], dtype=tl.float32)  # x times the incoming state (scalar gates)
+    b_A = tl.zeros([C, C], dtype=tl.float32)
+    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A (A^T) inside each block
+    for i_k in range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_x = _tile(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_yt = _tile_t(y, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_h, b_s = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
+        if GATE < 2:
+            # the scalar gate factors out of the products: applied once after the loop
+            b_o = tl.dot(b_x, b_h.to(dt), b_o, input_precision=DOT)
+            b_os = tl.dot(b_x, b_s.to(dt), b_os, input_precision=DOT)
+            b_A = tl.dot(b_x, b_yt, b_A, input_precision=DOT)
+        else:
+            b_Gx, b_Gl = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            b_Gyt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            if REVERSE:
+                b_xw = b_x * tl.exp2(b_Gl[None, :] - b_Gx)
+            else:
+                b_xw = b_x * tl.exp2(b_Gx)
+            b_d = _decay_to_chunk(cdec, i_c, i_h, H, K, o_k, m_k, GATE)
+            b_o = tl.dot(b_xw.to(dt), b_h.to(dt), b_o, input_precision=DOT)
+            b_o = tl.dot((b_xw * b_d[None, :]).to(dt), b_s.to(dt), b_o, input_precision=DOT)
+            # pairs in different blocks, through the reference G_r = first row of the later token's
+            # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
+            for b in tl.static_range(1, NB):
+                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+                before = o_t < b * BC
+                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gx, 0.0), 0)  # [BK]
+                if REVERSE:  # x = k (earlier, before block b), y = q (later, in block b)
+                    x_sel, y_sel = before, in_b
+                    x_exp, y_exp = b_r[None, :] - b_Gx, b_Gyt - b_r[:, None]
+                else:        # x = q (later), y = k (earlier)
+                    x_sel, y_sel = in_b, before
+                    x_exp, y_exp = b_Gx - b_r[None, :], b_r[:, None] - b_Gyt
+                b_xb = tl.where(x_sel[:, None], b_x * tl.exp2(tl.where(x_sel[:, None], x_exp, 0.0)), 0.0)
+                b_yb = tl.where(y_sel[None, :], b_yt * tl.exp2(tl.where(y_sel[None, :], y_exp, 0.0)), 0.0)
+                b_A = tl.dot(b_xb.to(dt), b_yb.to(dt), b_A, input_precision=DOT)
+            # pairs inside a block, element by element, BKD key columns at a time
+            for p in tl.static_range(BK // BKD):
+                o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
+                b_Ad += _intra_block(x, y, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, REVERSE)
+    b_z = _tile(z, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+    if GATE == 0:
+        b_o += b_os
+        b_A = tl.where(keep, b_A, 0.0)
+    elif GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, t0, o_t, m_t, i_h, H)
+        b_d = _decay_to_chunk(cdec, i_c, i_h, H, K, o_t, m_t, GATE)
+        if REVERSE:
+            b_o = (b_o + b_d * b_os) * tl.exp2(b_Gl - b_G)[:, None]
+            b_A = b_A * tl.exp2(tl.where(keep, b_G[None, :] - b_G[:, None], float("-inf")))
+        else:
+            b_o = (b_o + b_d * b_os) * tl.exp2(b_G)[:, None]
+            b_A = b_A * tl.exp2(tl.where(keep, b_G[:, None] - b_G[None, :], float("-inf")))
+    else:
+        b_A += _block_diagonal(b_Ad, NB, BC)
+    if REVERSE:
+        b_o = tl.dot((b_A * scale).to(dt), b_z, b_o, input_precision=DOT)
+    else:
+        b_o = tl.dot(b_A.to(dt), b_z, b_o, input_precision=DOT) * scale
+    tl.store(out + (t0 * H + i_h) * V + (o_t[:, None] * (H * V) + o_v[None, :]), b_o.to(out.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
+                    chunk_start, chunk_end, chunk_seg, scale, H, T_all,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+    """dq, dk (and dg) of one chunk, head and K tile.
+    dq_i = scale exp2(G_i) (h do_i) + sum_{j<=i} dA_ij exp2(G_i - G_j) k_j
+    dk_j = exp2(G_l - G_j) (dh v_j) + sum_{i>=j} dA_ij exp2(G_i - G_j) q_i,   dA = scale do v^T."""
+    i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    NB: tl.constexpr = C // BC
+    o_t = tl.arange(0, C)
+    t0, n_t, s = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
+    m_t = o_t < n_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    dt = q.dtype.element_ty
+    b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+    b_k = _tile(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+    b_a = _decay_to_chunk(cdec_f, i_c, i_h, H, K, o_k, m_k, GATE)  # true h = local + b_a * incoming
+    b_b = _decay_to_chunk(cdec_r, i_c, i_h, H, K, o_k, m_k, GATE)  # true dh likewise
+    b_dq = tl.zeros([C, BK], dtype=tl.float32)
+    b_dqs = tl.zeros([C, BK], dtype=tl.float32)
+    b_dk = tl.zeros([C, BK], dtype=tl.float32)
+    b_dks = tl.zeros([C, BK], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    b_dA = tl.zeros([C, C], dtype=tl.float32)
+    b_dAt = tl.zeros([C, C], dtype=tl.float32)
+    for i_v in range(NV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = _tile(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_v = _tile(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_dot = _tile_t(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_vt = _tile_t(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_hl, b_hs = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
+        b_dhl, b_dhs = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
+        b_dq = tl.dot(b_do, b_hl.to(dt), b_dq, input_precision=DOT)
+        b_dqs = tl.dot(b_do, b_hs.to(dt), b_dqs, input_precision=DOT)
+        b_dk = tl.dot(b_v, b_dhl.to(dt), b_dk, input_precision=DOT)
+        b_dks = tl.dot(b_v, b_dhs.to(dt), b_dks, input_precision=DOT)
+        b_dA = tl.dot(b_do, b_vt, b_dA, input_precision=DOT)
+        b_dAt = tl.dot(b_v, b_dot, b_dAt, input_precision=DOT)
+        if GATE == 1:
+            b_hdh += tl.sum((b_hl.to(tl.float32) + b_a * b_hs.to(tl.float32)) *
+                            (b_dhl.to(tl.float32) + b_b * b_dhs.to(tl.float32)), 0)
+        elif GATE == 2:
+            b_hdh += tl.sum((b_hl.to(tl.float32) + b_a[None, :] * b_hs.to(tl.float32)) *
+                            (b_dhl.to(tl.float32) + b_b[None, :] * b_dhs.to(tl.float32)), 0)
+    if GATE == 2:
+        b_dq += b_dqs * b_a[None, :]
+        b_dk += b_dks * b_b[None, :]
+    else:
+        b_dq += b_dqs * b_a
+        b_dk += b_dks * b_b
+    b_dA = b_dA * scale
+    b_dAt = b_dAt * scale
+    causal = o_t[:, None] >= o_t[None, :]
+    upper = o_t[:, None] <= o_t[None, :]  # dA^T[j, i] lives at j <= i
+    if GATE == 0:
+        b_dq = b_dq * scale
+        b_dq = tl.dot(tl.where(causal, b_dA, 0.0).to(dt), b_k, b_dq, input_precision=DOT)
+        b_dk = tl.dot(tl.where(upper, b_dAt, 0.0).to(dt), b_q, b_dk, input_precision=DOT)
+    elif GATE == 1:
+        b_G, b_Gl = _gate_scalar(g, t0, o_t, m_t, i_h, H)
+        b_dq = b_dq * (scale * tl.exp2(b_G))[:, None]
+        b_dk = b_dk * tl.exp2(b_Gl - b_G)[:, None]
+        b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
+        b_M = tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        b_Mt = tl.exp2(tl.where(upper, b_G[None, :] - b_G[:, None], float("-inf")))
+        b_dq = tl.dot((b_dA * b_M).to(dt), b_k, b_dq, input_precision=DOT)
+        b_dk = tl.dot((b_dAt * b_Mt).to(dt), b_q, b_dk, input_precision=DOT)
+    else:
+        b_Gq, b_Gl = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_dq = b_dq * scale * tl.exp2(b_Gq)
+        b_dk = b_dk * tl.exp2(b_Gl[None, :] - b_Gq)
+        b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
+        # pairs in different blocks, reference G_r = first row of block b (the later token's block)
+        for b in tl.static_range(1, NB):
+            in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+            before = o_t < b * BC
+            b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gq, 0.0), 0)
+            e_in = tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0))
+            e_before = tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gq, 0.0))
+            b_kb = tl.where(before[:, None], b_k * e_before, 0.0).to(dt)
+            b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
+            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dA.to(dt), b_kb, input_precision=DOT)
+            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAt.to(dt), b_qb, input_precision=DOT)
+        # pairs inside a block: [block, i, j, key] products, BKD key columns at a time
+        o_b = tl.arange(0, NB)
+        o_l = tl.arange(0, BC)
+        b_dA4 = tl.reshape(b_dA, (NB, BC, NB, BC))
+        b_dAd = tl.sum(tl.where(o_b[:, None, None, None] == o_b[None, None, :, None], b_dA4, 0.0), 2)
+        NKD: tl.constexpr = BK // BKD
+        o_p = tl.arange(0, NKD)
+        b_dqd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
+        b_dkd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
+        for p in tl.static_range(NKD):
+            o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
+            b_qi, b_Gi = _block_tile(q, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
+            b_kj, b_Gj = _block_tile(k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
+            b_w = b_dAd[:, :, :, None] * tl.exp2(
+                tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Gi - b_Gj, float("-inf")))
+            b_dqp = tl.reshape(tl.sum(b_w * b_kj, 2), (C, BKD))
+            b_dkp = tl.reshape(tl.sum(b_w * b_qi, 1), (C, BKD))
+            b_dqd += tl.where(o_p[None, :, None] == p, b_dqp[:, None, :], 0.0)
+            b_dkd += tl.where(o_p[None, :, None] == p, b_dkp[:, None, :], 0.0)
+        b_dq += tl.reshape(b_dqd, (C, BK))
+        b_dk += tl.reshape(b_dkd, (C, BK))
+    m = m_t[:, None] & m_k[None, :]
+    off = (t0 * H + i_h) * K
+    tl.store(dq + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m)
+    tl.store(dk + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dk.to(dk.dtype.element_ty), mask=m)
+    if GATE > 0:
+        b_dG = b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk
+        if GATE == 1:
+            b_dG = tl.sum(b_dG, 1)
+            b_dg = tl.sum(b_dG, 0) - tl.cumsum(b_dG, 0) + b_dG + tl.sum(b_bnd, 0)
+            tl.store(dg + (i_k * T_all + t0) * H + i_h + o_t * H, b_dg, mask=m_t)
+        else:
+            b_dg = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, 0) + b_dG + b_bnd[None, :]
+            tl.store(dg + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dg.to(dg.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+class _Setup:
+    """Shapes, tile sizes and the chunk/segment plan of one call."""
+
+    def __init__(self, call: Call, segment_chunks: int | None):
+        check_supported(call)
+        self.q, self.k, self.v = (x.contiguous() for x in (call.q, call.k, call.v))
+        self.g = call.g.contiguous() if call.g is not None else None
+        self.gate = 0 if call.g is None else (1 if call.g.dim() == 3 else 2)
+        self.scale = call.scale
+        B, T, self.H, self.K = self.q.shape
+        self.V = self.v.shape[-1]
+        self.rows = B * T
+        self.dev = self.q.device
+        self.dot = "ieee" if self.q.dtype == torch.float32 else "tf32"
+        # bf16 states hold what the bf16 matrix products use anyway; fp16 would overflow
+        self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
+        self.bk, self.bv, self.launch = self.tiles("state")
+        n_tiles = self.H * triton.cdiv(self.K, self.bk) * triton.cdiv(self.V, self.bv)
+        bounds = sequence_bounds(B, T, call.cu_seqlens)
+        if segment_chunks is None:
+            total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
+            segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
+        self.plan: Plan = make_plan(bounds, self.dev, CHUNK, segment_chunks)
+
+    def tiles(self, kernel: str) -> tuple[int, int, dict]:
+        """(BK, BV, launch options) of a kernel for this call."""
+        bk, bv, warps, stages = TILES[kernel][self.gate]
+        return tile(self.K, bk), tile(self.V, bv), {"num_warps": warps, "num_stages": stages}
+
+    def empty(self, *shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device=self.dev)
+
+    def decay_shape(self, n):
+        return (n, self.H) if self.gate == 1 else (n, self.H, self.K)
+
+    def state_pass(self, x, y, reverse: bool, store: bool):
+        """(states per chunk, their log2 decays to the segment boundary, segment-local states,
+        segment log2 decays); the first two only if store."""
+        p, H, K, V = self.plan, self.H, self.K, self.V
+        states = self.empty(p.n_chunks, H, K, V, dtype=self.state_dtype) if store else self.empty(1)
+        cdec = self.empty(*self.decay_shape(p.n_chunks)) if store and self.gate else self.empty(1)
+        seg_state = self.empty(p.n_segs, H, K, V)
+        seg_dec = self.empty(*self.decay_shape(p.n_segs)) if self.gate else self.empty(1)
+        grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_segs, H)
+        _state_pass_kernel[grid](
+            x, y, self.g if self.g is not None else x, states, seg_state, seg_dec, cdec,
+            p.chunk_start, p.chunk_end, p.seg_first, p.seg_count, self.scale if reverse else 1.0, H,
+            K=K, V=V, BK=self.bk, BV=self.bv, C=CHUNK, GATE=self.gate, REVERSE=reverse, STORE=store,
+            DOT=self.dot, **self.launch)
+        return states, cdec, seg_state, seg_dec
+
+    def scan(self, seg_state, seg_dec, start, reverse: bool, store_in: bool):
+        """(state entering every segment in the scan's direction, or None; the carry at the end)."""
+        p, H, K, V = self.plan, self.H, self.K, self.V
+        # stored like the chunk states: the kernels use the two together in matrix products
+        seg_in = self.empty(p.n_segs, H, K, V, dtype=self.state_dtype) if store_in else self.empty(1)
+        out = self.empty(p.n_seqs, H, K, V)
+        start = start.to(torch.float32).contiguous() if start is not None else None
+        grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_seqs, H)
+        _scan_kernel[grid](
+            seg_state, seg_dec, start if start is not None else out, seg_in, out, p.seq_first, p.seq_count, H,
+            K=K, V=V, BK=self.bk, BV=self.bv, GATE=self.gate, REVERSE=reverse, HAS_H0=start is not None,
+            STORE_IN=store_in, **self.launch)
+        return (seg_in if store_in else None), out
+
+    def states(self, x, y, start, start_late, reverse: bool):
+        """Chunk states (forward: x, y = k, v, start = h0) or state gradients (reverse: q, do, dht),
+        their decays, every segment's incoming state and the carry at the end (ht or dh0). The
+        segment-local pass does not need the start: start_late() is called only after it is queued,
+        so an exchange that supplies part of the start overlaps it."""
+        states, cdec, seg_state, seg_dec = self.state_pass(x, y, reverse=reverse, store=True)
+        seg_in, end = self.scan(seg_state, seg_dec, plus_late(start, start_late), reverse=reverse, store_in=True)
+        return states, cdec, seg_in, end
+
+    def apply(self, x, y, z, states, cdec, seg_in, reverse: bool):
+        """The output pass (x, y, z = q, k, v) or, reversed, the dv pass (k, q, do)."""
+        out = torch.empty_like(z)
+        bk, bv, launch = self.tiles("dv" if reverse else "out")
+        _apply_kernel[(self.plan.n_chunks, triton.cdiv(self.V, bv), self.H)](
+            x, y, z, self.g if self.g is not None else x, states, cdec, seg_in, out, *self.chunk_args(),
+            self.scale, self.H, K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=self.gate,
+            REVERSE=reverse, DOT=self.dot, **launch)
+        return out
+
+    def chunk_args(self):
+        p = self.plan
+        return p.chunk_start, p.chunk_end, p.chunk_seg
+
+
+def tile(d: int, cap: int) -> int:
+    """Tile width for a head dimension d: a power of two, at least 16 (the matrix-unit minimum)."""
+    return min(max(16, triton.next_power_of_2(d)), cap)
+
+
+def check_supported(call: Call) -> None:
+    from ..variants import InputError
+
+    if call.q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InputError(f"the Triton kernels take bf16, fp16 or fp32 inputs, got {call.q.dtype}; "
+                         "use backend='torch' for float64")
+    K, V = call.q.shape[-1], call.v.shape[-1]
+    if K > 256 or V > 256:
+        raise InputError(f"the Triton kernels support head dimensions up to 256, got K={K}, V={V}; "
+                         "use backend='torch' or split the heads")
+
+
+def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
+    """(o, ht): outputs in v's dtype and the fp32 final state of every sequence."""
+    st = _Setup(call, segment_chunks)
+    states, cdec, seg_in, ht = st.states(st.k, st.v, h0, h0_late, reverse=False)
+    return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False), ht
+
+
+def final_state(call: Call, h0, *, segment_chunks: int | None = None):
+    """The final states alone: one pass over k, v (and g), no outputs."""
+    st = _Setup(call, segment_chunks)
+    _, _, seg_state, seg_dec = st.state_pass(st.k, st.v, reverse=False, store=False)
+    return st.scan(seg_state, seg_dec, h0, reverse=False, store_in=False)[1]
+
+
+def state_grad(call: Call, do, dht, *, segment_chunks: int | None = None):
+    """d(initial state) alone: one reverse pass over q, do (and g)."""
+    st = _Setup(call, segment_chunks)
+    do = do.to(st.v.dtype).contiguous()
+    _, _, seg_state, seg_dec = st.state_pass(st.q, do, reverse=True, store=False)
+    return st.scan(seg_state, seg_dec, dht, reverse=True, store_in=False)[1]
+
+
+def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | None = None) -> Grads:
+    st = _Setup(call, segment_chunks)
+    do = do.to(st.v.dtype).contiguous()
+    states, cdec_f, seg_in, _ = st.states(st.k, st.v, h0, None, reverse=False)
+    dstates, cdec_r, seg_dout, dh0 = st.states(st.q, do, dht, dht_late, reverse=True)
+    H, K, V = st.H, st.K, st.V
+    gate_arg = st.g if st.g is not None else st.q
+    bk, bv, launch = st.tiles("dqk")
+    nk = triton.cdiv(K, bk)
+    dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
+    if st.gate == 1:
+        dg = st.empty(nk, *st.g.shape)  # partial sums over K tiles
+    elif st.gate == 2:
+        dg = torch.empty_like(st.g)
+    else:
+        dg = st.empty(1)
+    _bwd_dqk_kernel[(st.plan.n_chunks, nk, H)](
+        st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
+        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K,
+        GATE=st.gate, DOT=st.dot, **launch)
+    dv = st.apply(st.k, st.q, do, dstates, cdec_r, seg_dout, reverse=True)
+    if st.gate == 1:
+        dg = dg.sum(0).to(st.g.dtype)
+    elif st.gate == 0:
+        dg = None
+    return Grads(dq, dk, dv, dg, None, dh0)

@@ -1,0 +1,117 @@
+"""Compile the gated kernels for Hopper without a GPU and print what each one costs.
+
+    python -m seqpar_kernels.triton.resources [--dtype bfloat16] [--K 128] [--V 128] [--H 16]
+
+Runs one forward and one backward of every gated variant on small CPU tensors with the kernel
+launches recorded instead of run, compiles each recorded launch for sm_90 with the installed
+Triton (the GPU machine has 3.6), and prints registers per thread, spill stack, shared memory and
+the matrix instructions in the SASS (HGMMA: Hopper's wgmma; HMMA: the older mma). This is how the
+tiles in gated.TILES were chosen; times still come only from the GPU benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from ..testing import random_inputs
+from . import check, gated
+
+_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+          torch.int64: "i64"}
+
+
+def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int) -> list:
+    """(kernel, args, options) of every launch of one forward and one backward."""
+    launches = []
+    kernels = {name: getattr(gated, name) for name in dir(gated) if name.endswith("_kernel")}
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.fn, args, kw))
+
+    x = random_inputs(variant, B=1, T=128, H=H, K=K, V=V, dtype=dtype, seed=0)
+    x.initial_state = x.initial_state.float()
+    call = check.make_call(variant, x, None)
+    try:
+        for name, fn in kernels.items():
+            setattr(gated, name, Recorder(fn))
+        gated.forward(call, x.initial_state)
+        gated.backward(call, x.initial_state, torch.zeros_like(x.v), torch.zeros_like(x.initial_state))
+    finally:
+        for name, fn in kernels.items():
+            setattr(gated, name, fn)
+    return launches
+
+
+def compile_launch(fn, args, kw):
+    """Compile one recorded launch for sm_90, specialised as a launch with aligned tensors would be."""
+    names = fn.arg_names
+    bound = dict(zip(names, args)) | {k: v for k, v in kw.items() if k in names}
+    options = {k: v for k, v in kw.items() if k not in names}
+    constexprs = {n: bound[n] for n in names if fn.params[names.index(n)].is_constexpr}
+    sig, attrs = {}, {}
+    for i, n in enumerate(names):
+        v = bound[n]
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif isinstance(v, torch.Tensor):
+            sig[n] = "*" + _TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), constexprs, options
+
+
+def describe(kernel) -> str:
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-sass", f.name],
+                              capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return (f"regs {m.group(1):>3s}  spill stack {m.group(2):>4s} B  shared {kernel.metadata.shared // 1024:4d} KB  "
+            f"HGMMA {len(re.findall(r'HGMMA', sass)):3d}  HMMA {len(re.findall(r'HMMA', sass)):3d}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m seqpar_kernels.triton.resources", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--K", type=int, default=128)
+    p.add_argument("--V", type=int, default=128)
+    p.add_argument("--H", type=int, default=16)
+    args = p.parse_args(argv)
+    seen = set()
+    for variant in ("linear_attn", "simple_gla", "gla"):  # one per gate kind; lightning = simple_gla
+        for fn, a, kw in record_launches(variant, getattr(torch, args.dtype), args.K, args.V, args.H):
+            kernel, constexprs, options = compile_launch(fn, a, kw)
+            flags = {k: v for k, v in constexprs.items() if k in ("GATE", "REVERSE", "STORE", "BK", "BV")}
+            key = (fn.__name__, tuple(sorted(flags.items())), tuple(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            label = fn.__name__ + "".join(f" {k}={int(v) if isinstance(v, bool) else v}" for k, v in flags.items())
+            launch = f"warps {options.get('num_warps')} stages {options.get('num_stages')}"
+            print(f"{label:62s} {launch}  {describe(kernel)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
