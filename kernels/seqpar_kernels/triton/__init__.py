@@ -1,0 +1,1 @@
+"""Triton kernels (placeholder in this branch: the TritonKernel dispatcher lives on the gated-family branch)."""
