@@ -25,6 +25,13 @@ VARIANTS = ["delta_rule", "gated_delta_rule"]
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 
 
+@pytest.fixture(params=[0, 1], ids=["whole-documents", "segments-of-1-chunk"])
+def segments(request, monkeypatch):
+    """Chains over whole documents, or over segments combined by the fp32 segment scan."""
+    monkeypatch.setitem(delta.CONFIG, "seg_chunks", request.param)
+    return request.param
+
+
 def _reference(variant, x, do, dht, cu_seqlens=None):
     """o, ht and every gradient from the float64 token recurrence."""
     naive = functools.partial(sk.naive, variant, output_final_state=True, cu_seqlens=cu_seqlens)
@@ -89,7 +96,7 @@ def test_odd_head_dims_and_short_sequence(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_varlen(variant):
+def test_varlen(variant, segments):
     """Packed documents of lengths 1, 64, 65, 19 (state reset at each boundary, per-document h0/ht)."""
     cu = torch.tensor([0, 1, 65, 130, 149])
     x = random_inputs(variant, B=1, T=149, H=2, K=16, V=16, n_states=4, seed=7)
@@ -99,7 +106,7 @@ def test_varlen(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_state_passes(variant):
+def test_state_passes(variant, segments):
     """final_state and state_grad alone equal the full forward's ht and the full backward's dh0."""
     cu = torch.tensor([0, 50, 61, 160])
     x = random_inputs(variant, B=1, T=160, H=2, K=16, V=16, n_states=3, seed=11)
@@ -134,7 +141,7 @@ def _transition(x, cu):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_identity_start_transition(variant):
+def test_identity_start_transition(variant, segments):
     """final_state with v = 0 and h0 = I (K x K) is the dense transition the SP layer exchanges."""
     cu = torch.tensor([0, 70, 71, 130])
     x = random_inputs(variant, B=1, T=130, H=2, K=16, V=16, n_states=3, seed=13)

@@ -29,10 +29,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 # Launch settings. The chains are latency-bound (one program per V block, document and head walks
-# every chunk), so they use narrow V blocks for more programs in flight; the parallel kernels use
+# every chunk), so they use narrow V blocks for more programs in flight, and long documents can be
+# cut into segments (seg_chunks): each segment's zero-start state and dense transition come from
+# one parallel pass, a short fp32 scan over segments gives every segment its start state, and a
+# second parallel pass recomputes the per-chunk states; the parallel kernels use
 # 8 warps for their 64 x 128 fp32 accumulators. bwd_wy stays at 8 warps: fla saw wrong dk/dbeta
 # from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
 CONFIG = {
+    "seg_chunks": 0,  # cut documents into segments of this many chunks (0: never)
+    "scan_bv": 32,
     "prep_warps": 4,
     "chain_bv": 32,
     "chain_warps": 4,
@@ -69,10 +74,10 @@ class _Layout:
     N: int  # documents (B without cu_seqlens)
     NT: int  # chunks per sequence (without cu_seqlens)
     n_chunks: int
-    cu: torch.Tensor  # int32 [N + 1] (varlen) or a placeholder
+    cu: torch.Tensor  # int32 [N + 1] token boundaries of the documents
     idx: torch.Tensor  # int32 [n_chunks, 2]: (document, chunk in document) (varlen)
-    coff: torch.Tensor  # int32 [N + 1]: first global chunk of each document (varlen)
     varlen: bool
+    bounds: tuple  # the same boundaries on the host
 
     @property
     def rows(self) -> int:
@@ -89,24 +94,49 @@ class _Layout:
 _PLANS: dict[tuple, tuple] = {}
 
 
-def _varlen_plan(cu_seqlens: torch.Tensor):
-    """Chunk indices and chunk offsets of packed documents (needs the boundaries on the host)."""
-    bounds = tuple(cu_seqlens.tolist())
-    key = (bounds, cu_seqlens.device)
+def _cached(key, build):
     if key not in _PLANS:
-        if len(_PLANS) > 64:
+        if len(_PLANS) > 256:
             _PLANS.clear()
-        lens = [e - s for s, e in zip(bounds, bounds[1:])]
-        nts = [-(-n // CHUNK) for n in lens]
-        idx = [(d, i) for d, nt in enumerate(nts) for i in range(nt)]
-        coff = [0]
-        for nt in nts:
-            coff.append(coff[-1] + nt)
-        dev = cu_seqlens.device
-        _PLANS[key] = (torch.tensor(bounds, dtype=torch.int32, device=dev),
-                       torch.tensor(idx, dtype=torch.int32, device=dev).view(-1, 2),
-                       torch.tensor(coff, dtype=torch.int32, device=dev), len(idx))
+        _PLANS[key] = build()
     return _PLANS[key]
+
+
+def _doc_bounds(call: Call) -> tuple[int, ...]:
+    """Token boundaries of the independent sequences of the flattened [B*T] rows (a host copy of
+    cu_seqlens for packed documents; computed from the shape otherwise)."""
+    if call.cu_seqlens is not None:
+        return tuple(call.cu_seqlens.tolist())
+    B, T = call.q.shape[:2]
+    return tuple(b * T for b in range(B + 1))
+
+
+def _chunk_plan(bounds, device):
+    """(document, chunk in document) of every chunk, as an int32 [n_chunks, 2] tensor."""
+    def build():
+        idx = [(d, i) for d, (s, e) in enumerate(zip(bounds, bounds[1:])) for i in range(-(-(e - s) // CHUNK))]
+        return (torch.tensor(bounds, dtype=torch.int32, device=device),
+                torch.tensor(idx, dtype=torch.int32, device=device).view(-1, 2), len(idx))
+    return _cached(("chunks", bounds, device), build)
+
+
+def _segment_plan(bounds, seg_chunks: int, device):
+    """Segments of at most seg_chunks chunks (0: whole documents): an int32 [n_seg, 4] table of
+    (document, first token, number of chunks, global index of the first chunk), the int32 [N + 1]
+    first segment of each document, and whether any document was cut."""
+    def build():
+        rows, segoff, goff, cut = [], [0], 0, False
+        for d, (s, e) in enumerate(zip(bounds, bounds[1:])):
+            nt = -(-(e - s) // CHUNK)
+            step = seg_chunks if seg_chunks > 0 else nt
+            for c in range(0, nt, step):
+                rows.append((d, s + c * CHUNK, min(step, nt - c), goff + c))
+            cut = cut or nt > step
+            goff += nt
+            segoff.append(len(rows))
+        return (torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4),
+                torch.tensor(segoff, dtype=torch.int32, device=device), len(rows), cut)
+    return _cached(("segments", bounds, seg_chunks, device), build)
 
 
 def _layout(call: Call) -> _Layout:
@@ -124,15 +154,12 @@ def _layout(call: Call) -> _Layout:
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
-    if call.cu_seqlens is None:
-        NT = -(-T // CHUNK)
-        dummy = torch.zeros(2, dtype=torch.int32, device=q.device)
-        cu, idx, coff, n_chunks, N, varlen = dummy, dummy, dummy, B * NT, B, False
-    else:
-        cu, idx, coff, n_chunks = _varlen_plan(call.cu_seqlens)
-        NT, N, varlen = 0, call.cu_seqlens.numel() - 1, True
+    bounds = _doc_bounds(call)
+    cu, idx, n_chunks = _chunk_plan(bounds, q.device)
+    varlen = call.cu_seqlens is not None
+    NT = 0 if varlen else -(-T // CHUNK)
     return _Layout(flat(q), flat(k), flat(v), flat(call.beta), flat(call.g) if call.g is not None else None,
-                   call.scale, B, T, H, K, V, N, NT, n_chunks, cu, idx, coff, varlen)
+                   call.scale, B, T, H, K, V, len(bounds) - 1, NT, n_chunks, cu, idx, varlen, bounds)
 
 
 @dataclass
@@ -161,31 +188,78 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
     return _WY(gc, w, u, t, dvl)
 
 
-def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
-            h0=None, do=None, dht=None):
-    """Run the forward chain, the reverse chain or both (one launch). Returns
-    (h, vn, ht, dh, dvn, dh0), entries None where not computed."""
-    f32 = torch.float32
-    h = L.new(L.n_chunks, L.H, L.K, L.V) if forward and store else None
-    vn = L.new(L.rows, L.H, L.V) if forward and store else None
-    ht = L.new(L.N, L.H, L.K, L.V, dtype=f32) if forward else None
-    dh = L.new(L.n_chunks, L.H, L.K, L.V) if reverse and store else None
-    dvn = L.new(L.rows, L.H, L.V) if reverse and store else None
-    dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32) if reverse else None
-    h0 = h0.to(f32).contiguous() if h0 is not None else None
-    dht = dht.to(f32).contiguous() if dht is not None else None
+@dataclass
+class _States:
+    h: torch.Tensor | None = None  # state at every chunk start [n_chunks, H, K, V]
+    vn: torch.Tensor | None = None  # U - W S  [rows, H, V]
+    ht: torch.Tensor | None = None  # final state, fp32 [N, H, K, V]
+    dh: torch.Tensor | None = None  # gradient of every chunk's end state [n_chunks, H, K, V]
+    dvn: torch.Tensor | None = None  # gradient of Vn [rows, H, V]
+    dh0: torch.Tensor | None = None  # gradient of the initial state, fp32 [N, H, K, V]
+
+
+def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_v=True, with_m=False,
+          finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None):
+    """One launch of state_pass over the segments in `seg`; r receives the per-chunk tensors (STORE)."""
     bv = min(_pow2(L.V), CONFIG["chain_bv"])
+    nvb = triton.cdiv(L.V, bv)
+    cols = max(nvb * int(forward and fwd_v) + triton.cdiv(L.K, bv) * int(forward and with_m), nvb * int(reverse))
     any_ = wy.w
     pick = lambda x: x if x is not None else any_  # noqa: E731
-    grid = (triton.cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))
-    kern.state_pass[grid](
+    store = r is not None
+    kern.state_pass[(cols, n_seg * L.H, int(forward) + int(reverse))](
         L.q, L.k, pick(wy.gc), wy.w, pick(wy.u), pick(do), pick(wy.dvl),
-        pick(h0), pick(h), pick(vn), pick(ht), pick(dht), pick(dh), pick(dvn), pick(dh0),
-        L.scale, L.cu, L.coff, L.T, L.NT, L.H, L.K, L.V,
+        pick(finit), pick(r.h if store else None), pick(r.vn if store else None), pick(fout), pick(m),
+        pick(rinit), pick(r.dh if store else None), pick(r.dvn if store else None), pick(rout),
+        L.scale, seg, L.cu, L.T, L.H, L.K, L.V, nvb,
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
-        USE_H0=h0 is not None, USE_DHT=dht is not None, STORE=store,
+        FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
+        STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
         num_warps=CONFIG["chain_warps"], num_stages=CONFIG["chain_stages"])
-    return h, vn, ht, dh, dvn, dh0
+
+
+def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
+            h0=None, do=None, dht=None) -> _States:
+    """The forward state chain, the reverse gradient chain or both (side by side), with the
+    per-chunk states and Vn / dVn when `store`."""
+    f32 = torch.float32
+    r = _States()
+    if store:
+        if forward:
+            r.h, r.vn = L.new(L.n_chunks, L.H, L.K, L.V), L.new(L.rows, L.H, L.V)
+        if reverse:
+            r.dh, r.dvn = L.new(L.n_chunks, L.H, L.K, L.V), L.new(L.rows, L.H, L.V)
+    if forward:
+        r.ht = L.new(L.N, L.H, L.K, L.V, dtype=f32)
+    if reverse:
+        r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32)
+    h0 = h0.to(f32).contiguous() if h0 is not None else None
+    dht = dht.to(f32).contiguous() if dht is not None else None
+    seg, segoff, n_seg, cut = _segment_plan(L.bounds, CONFIG["seg_chunks"], L.q.device)
+    if not cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
+        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=h0, rinit=dht,
+              fout=r.ht, rout=r.dh0, r=r if store else None, do=do)
+        return r
+    # 1. every segment from zero: its final state / gradient, and its dense transition
+    fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
+    rsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
+    m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
+    _pass(L, wy, seg, n_seg, forward=True, reverse=reverse, fwd_v=forward, with_m=True,
+          fout=fsum, m=m, rout=rsum, do=do)
+    # 2. the scan over segments: every segment's start state / end-state gradient
+    start = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
+    grad = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
+    bv = min(_pow2(L.V), CONFIG["scan_bv"])
+    any_ = m
+    pick = lambda x: x if x is not None else any_  # noqa: E731
+    kern.segment_scan[(triton.cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
+        m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
+        segoff, L.H, L.K, L.V, BK=L.BK, BV=bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
+        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
+    # 3. the per-chunk states, every segment from its true start
+    if store:
+        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do)
+    return r
 
 
 def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
@@ -195,34 +269,35 @@ def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
 def forward(call: Call, h0):
     L = _layout(call)
     wy = _prep(L, store_u=True, store_t=False)
-    h, vn, ht, *_ = _chains(L, wy, forward=True, reverse=False, store=True, h0=h0)
+    st = _chains(L, wy, forward=True, reverse=False, store=True, h0=h0)
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])
     kern.output[(L.n_chunks, L.H, triton.cdiv(L.V, bv))](
-        L.q, L.k, wy.gc if wy.gc is not None else wy.w, h, vn, o, L.scale,
+        L.q, L.k, wy.gc if wy.gc is not None else wy.w, st.h, st.vn, o, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, num_warps=CONFIG["out_warps"])
-    return _unflat(L, o), ht
+    return _unflat(L, o), st.ht
 
 
 def final_state(call: Call, h0):
     L = _layout(call)
     wy = _prep(L, store_u=True, store_t=False)
-    return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0)[2]
+    return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
 
 
 def state_grad(call: Call, do, dht):
     L = _layout(call)
     do = do.reshape(L.rows, L.H, L.V).contiguous()
     wy = _prep(L, store_u=False, store_t=False, do=do)
-    return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht)[5]
+    return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
 
 
 def backward(call: Call, h0, do, dht) -> Grads:
     L = _layout(call)
     do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
     wy = _prep(L, store_u=True, store_t=True, do=do)
-    h, vn, _, dh, dvn, dh0 = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=dht)
+    st = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=dht)
+    h, vn, dh, dvn = st.h, st.vn, st.dh, st.dvn
     use_g = L.g is not None
     gc = wy.gc if use_g else wy.w
     f32 = torch.float32
@@ -247,4 +322,4 @@ def backward(call: Call, h0, do, dht) -> Grads:
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
         IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"])
     return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
-                 _unflat(L, dg) if use_g else None, _unflat(L, dbeta), dh0)
+                 _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)

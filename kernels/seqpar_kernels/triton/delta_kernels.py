@@ -42,20 +42,6 @@ def _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _doc_coords(n, cu_ptr, coff_ptr, T, NT, IS_VARLEN: tl.constexpr):
-    """(first token, end, first global chunk, number of chunks) of document n."""
-    if IS_VARLEN:
-        bos = tl.load(cu_ptr + n).to(tl.int32)
-        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
-        boff = tl.load(coff_ptr + n).to(tl.int32)
-    else:
-        bos = n * T
-        eos = bos + T
-        boff = n * NT
-    return bos, eos, boff, tl.cdiv(eos - bos, 64)
-
-
-@triton.jit
 def _tile(ptr, row0, eos, stride, col0, ncols, R: tl.constexpr, BD: tl.constexpr):
     """Rows row0..row0+R (tokens, < eos) x columns col0..col0+BD (< ncols) of a [tokens, stride] view."""
     r = row0 + tl.arange(0, R)
@@ -315,32 +301,56 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
 
 
 # ----------------------------------------------------------------------------------------------
-# The state chains: one program per (V block, document x head[, direction])
+# The state chains: one program per (column block, segment x head[, direction])
+#
+# A segment is a run of chunks of one document (the whole document, or a piece of it when long
+# documents are cut to get more programs in flight). Table row: (document, first token, number of
+# chunks, global index of its first chunk).
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, h0_ptr, h_ptr, vn_ptr, ht_ptr,
-                   n, ih, iv, cu_ptr, coff_ptr, T, NT, H, K, V,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-                   USE_H0: tl.constexpr, STORE: tl.constexpr):
-    """S <- exp(gl) S + Kd^T (U - W S) over the document's chunks; stores S at every chunk start
-    and Vn (STORE), and the final state."""
-    bos, eos, boff, nt = _doc_coords(n, cu_ptr, coff_ptr, T, NT, IS_VARLEN)
+def _segment(seg_ptr, s, cu_ptr, T, IS_VARLEN: tl.constexpr):
+    n = tl.load(seg_ptr + s * 4)
+    tb = tl.load(seg_ptr + s * 4 + 1)
+    nc = tl.load(seg_ptr + s * 4 + 2)
+    goff = tl.load(seg_ptr + s * 4 + 3)
+    if IS_VARLEN:
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+    else:
+        eos = (n + 1) * T
+    return tb, eos, nc, goff
+
+
+@triton.jit
+def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr,
+                   s, ih, c0, tb, eos, nc, goff, H, K, V,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, INIT: tl.constexpr,
+                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, TRANSITION: tl.constexpr):
+    """S <- exp(gl) S + Kd^T (U - W S) over the segment's chunks, S in fp32. INIT: 0 zero, 1 from
+    init_ptr[s]. STORE: S at every chunk start and Vn. TRANSITION: the dense transition instead
+    (U = 0, S starts at the identity; columns index K)."""
     HK = H * K
     HV = H * V
-    c0 = iv * BV
-    if USE_H0:
-        s = _state_tile(h0_ptr + (n * H + ih).to(tl.int64) * K * V, K, V, c0, BK, BV).to(tl.float32)
+    sb = (s * H + ih).to(tl.int64)
+    if TRANSITION:
+        rk = tl.arange(0, BK)
+        cv = c0 + tl.arange(0, BV)
+        st = tl.where(rk[:, None] == cv[None, :], 1.0, 0.0)
+    elif INIT == 1:
+        st = _state_tile(init_ptr + sb * K * V, K, V, c0, BK, BV).to(tl.float32)
     else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-    for it in range(nt):
-        t0 = bos + it * 64
+        st = tl.zeros([BK, BV], dtype=tl.float32)
+    for it in range(nc):
+        t0 = tb + it * 64
         w = _tile(w_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
-        u = _tile(u_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         kt = _tile_t(k_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
         if STORE:
-            _store_state(h_ptr + ((boff + it) * H + ih).to(tl.int64) * K * V, s, K, V, c0, BK, BV)
-        vn = u.to(tl.float32) - tl.dot(w, s.to(w.dtype))
+            _store_state(h_ptr + ((goff + it) * H + ih).to(tl.int64) * K * V, st, K, V, c0, BK, BV)
+        if TRANSITION:
+            vn = -tl.dot(w, st.to(w.dtype))
+        else:
+            u = _tile(u_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
+            vn = u.to(tl.float32) - tl.dot(w, st.to(w.dtype))
         if STORE:
             _store_tile(vn_ptr + ih * V, vn, t0, eos, HV, c0, V, 64, BV)
         if USE_G:
@@ -348,36 +358,39 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, h0_ptr, h_ptr, vn_ptr, ht_ptr,
             gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
             g = _vec(gc_ptr + ih, t0, eos, H, 64)
             kt = (kt * tl.exp(gl - g)[None, :]).to(w.dtype)
-            s = s * tl.exp(gl)
-        s += tl.dot(kt, vn.to(w.dtype))
-    _store_state(ht_ptr + (n * H + ih).to(tl.int64) * K * V, s, K, V, c0, BK, BV)
+            st = st * tl.exp(gl)
+        st += tl.dot(kt, vn.to(w.dtype))
+    if WRITE_FINAL:
+        if TRANSITION:
+            _store_state(out_ptr + sb * K * K, st, K, K, c0, BK, BV)
+        else:
+            _store_state(out_ptr + sb * K * V, st, K, V, c0, BK, BV)
 
 
 @triton.jit
-def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, dht_ptr, dh_ptr, dvn_ptr, dh0_ptr,
-                   n, ih, iv, scale, cu_ptr, coff_ptr, T, NT, H, K, V,
-                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-                   USE_DHT: tl.constexpr, STORE: tl.constexpr):
+def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_ptr, dvn_ptr, out_ptr,
+                   s, ih, c0, tb, eos, nc, goff, scale, H, K, V,
+                   BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, INIT: tl.constexpr,
+                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr):
     """The adjoint chain, last chunk first: with dS the gradient of the chunk's end state,
     dVn = dVl + Kd dS;  dS <- exp(gl) dS + scale (Q exp(g))^T dO - W^T dVn."""
-    bos, eos, boff, nt = _doc_coords(n, cu_ptr, coff_ptr, T, NT, IS_VARLEN)
     HK = H * K
     HV = H * V
-    c0 = iv * BV
-    if USE_DHT:
-        ds = _state_tile(dht_ptr + (n * H + ih).to(tl.int64) * K * V, K, V, c0, BK, BV).to(tl.float32)
+    sb = (s * H + ih).to(tl.int64)
+    if INIT == 1:
+        ds = _state_tile(init_ptr + sb * K * V, K, V, c0, BK, BV).to(tl.float32)
     else:
         ds = tl.zeros([BK, BV], dtype=tl.float32)
-    for j in range(nt):
-        it = nt - 1 - j
-        t0 = bos + it * 64
+    for j in range(nc):
+        it = nc - 1 - j
+        t0 = tb + it * 64
         kk = _tile(k_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
         qt = _tile_t(q_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
         wt = _tile_t(w_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
         do = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         dvl = _tile(dvl_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         if STORE:
-            _store_state(dh_ptr + ((boff + it) * H + ih).to(tl.int64) * K * V, ds, K, V, c0, BK, BV)
+            _store_state(dh_ptr + ((goff + it) * H + ih).to(tl.int64) * K * V, ds, K, V, c0, BK, BV)
         if USE_G:
             last = tl.minimum(t0 + 64, eos) - 1
             gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
@@ -392,34 +405,112 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, dht_ptr, dh_ptr
         if USE_G:
             ds = ds * tl.exp(gl)
         ds += tl.dot(qt, do) - tl.dot(wt, dvn.to(wt.dtype))
-    _store_state(dh0_ptr + (n * H + ih).to(tl.int64) * K * V, ds, K, V, c0, BK, BV)
+    if WRITE_FINAL:
+        _store_state(out_ptr + sb * K * V, ds, K, V, c0, BK, BV)
 
 
 @triton.jit
 def state_pass(q_ptr, k_ptr, gc_ptr, w_ptr, u_ptr, do_ptr, dvl_ptr,
-               h0_ptr, h_ptr, vn_ptr, ht_ptr, dht_ptr, dh_ptr, dvn_ptr, dh0_ptr,
-               scale, cu_ptr, coff_ptr, T, NT, H, K, V,
+               finit_ptr, h_ptr, vn_ptr, fout_ptr, m_ptr, rinit_ptr, dh_ptr, dvn_ptr, rout_ptr,
+               scale, seg_ptr, cu_ptr, T, H, K, V, NVB,
                BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-               FORWARD: tl.constexpr, REVERSE: tl.constexpr,
-               USE_H0: tl.constexpr, USE_DHT: tl.constexpr, STORE: tl.constexpr):
-    """Grid (V blocks, docs x heads, FORWARD + REVERSE): the forward chain and the reverse chain
-    are independent, so a backward runs both side by side in one launch."""
+               FORWARD: tl.constexpr, REVERSE: tl.constexpr, FWD_V: tl.constexpr, WITH_M: tl.constexpr,
+               FINIT: tl.constexpr, RINIT: tl.constexpr, STORE: tl.constexpr, WRITE_FINAL: tl.constexpr):
+    """Grid (column blocks, segments x heads, FORWARD + REVERSE). Forward programs: the first NVB
+    column blocks run the state over V (FWD_V), the next ones the transition over K (WITH_M).
+    Reverse programs: the gradient chain over V. The directions are independent, so a backward
+    runs both side by side in one launch."""
     iv = tl.program_id(0)
-    nh = tl.program_id(1)
-    n = nh // H
-    ih = nh % H
+    sh = tl.program_id(1)
+    s = sh // H
+    ih = sh % H
+    tb, eos, nc, goff = _segment(seg_ptr, s, cu_ptr, T, IS_VARLEN)
     if FORWARD and REVERSE:
         run_forward = tl.program_id(2) == 0
     else:
         run_forward = FORWARD
     if run_forward:
-        _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, h0_ptr, h_ptr, vn_ptr, ht_ptr,
-                       n, ih, iv, cu_ptr, coff_ptr, T, NT, H, K, V,
-                       BK, BV, IS_VARLEN, USE_G, USE_H0, STORE)
+        if FWD_V:
+            if iv < NVB:
+                _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, fout_ptr,
+                               s, ih, iv * BV, tb, eos, nc, goff, H, K, V,
+                               BK, BV, USE_G, FINIT, STORE, WRITE_FINAL, False)
+            elif WITH_M:
+                _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, m_ptr,
+                               s, ih, (iv - NVB) * BV, tb, eos, nc, goff, H, K, K,
+                               BK, BV, USE_G, 0, False, True, True)
+        elif WITH_M:
+            _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, m_ptr,
+                           s, ih, iv * BV, tb, eos, nc, goff, H, K, K,
+                           BK, BV, USE_G, 0, False, True, True)
+    elif iv < NVB:
+        _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, rinit_ptr, dh_ptr, dvn_ptr, rout_ptr,
+                       s, ih, iv * BV, tb, eos, nc, goff, scale, H, K, V,
+                       BK, BV, USE_G, RINIT, STORE, WRITE_FINAL)
+
+
+@triton.jit
+def segment_scan(m_ptr, fsum_ptr, rsum_ptr, h0_ptr, start_ptr, ht_ptr, dht_ptr, grad_ptr, dh0_ptr,
+                 segoff_ptr, H, K, V,
+                 BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr,
+                 FORWARD: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr):
+    """Across the segments of one document, in fp32: forward S_in(s+1) = M_s S_in(s) + dS_s from h0
+    (writes every S_in and ht); reverse G(s-1) = M_s^T G(s) + D_s from dht (writes every G, the
+    gradient of segment s's end state, and dh0). The product contracts over K in blocks of KB
+    re-read from the state just written (a [BK, BK] transition would not fit in registers)."""
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    ih = nh % H
+    c0 = iv * BV
+    s_begin = tl.load(segoff_ptr + n)
+    s_end = tl.load(segoff_ptr + n + 1)
+    if FORWARD and REVERSE:
+        run_forward = tl.program_id(2) == 0
     else:
-        _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, dht_ptr, dh_ptr, dvn_ptr, dh0_ptr,
-                       n, ih, iv, scale, cu_ptr, coff_ptr, T, NT, H, K, V,
-                       BK, BV, IS_VARLEN, USE_G, USE_DHT, STORE)
+        run_forward = FORWARD
+    KV = K * V
+    KK = K * K
+    rk = tl.arange(0, BK)
+    cv = c0 + tl.arange(0, BV)
+    rb = tl.arange(0, KB)
+    if run_forward:
+        if USE_H0:
+            st = _state_tile(h0_ptr + (n * H + ih).to(tl.int64) * KV, K, V, c0, BK, BV).to(tl.float32)
+        else:
+            st = tl.zeros([BK, BV], dtype=tl.float32)
+        for s in range(s_begin, s_end):
+            sb = (s * H + ih).to(tl.int64)
+            _store_state(start_ptr + sb * KV, st, K, V, c0, BK, BV)
+            tl.debug_barrier()
+            st = _state_tile(fsum_ptr + sb * KV, K, V, c0, BK, BV)
+            for kb in range(0, K, KB):
+                m = tl.load(m_ptr + sb * KK + rk[:, None] * K + kb + rb[None, :],
+                            mask=(rk[:, None] < K) & (kb + rb[None, :] < K), other=0.0)
+                x = tl.load(start_ptr + sb * KV + (kb + rb[:, None]) * V + cv[None, :],
+                            mask=(kb + rb[:, None] < K) & (cv[None, :] < V), other=0.0)
+                st += tl.dot(m, x, input_precision="tf32x3")
+            tl.debug_barrier()
+        _store_state(ht_ptr + (n * H + ih).to(tl.int64) * KV, st, K, V, c0, BK, BV)
+    else:
+        if USE_DHT:
+            gs = _state_tile(dht_ptr + (n * H + ih).to(tl.int64) * KV, K, V, c0, BK, BV).to(tl.float32)
+        else:
+            gs = tl.zeros([BK, BV], dtype=tl.float32)
+        for j in range(s_end - s_begin):
+            s = s_end - 1 - j
+            sb = (s * H + ih).to(tl.int64)
+            _store_state(grad_ptr + sb * KV, gs, K, V, c0, BK, BV)
+            tl.debug_barrier()
+            gs = _state_tile(rsum_ptr + sb * KV, K, V, c0, BK, BV)
+            for kb in range(0, K, KB):
+                mt = tl.load(m_ptr + sb * KK + (kb + rb[None, :]) * K + rk[:, None],
+                             mask=(rk[:, None] < K) & (kb + rb[None, :] < K), other=0.0)
+                x = tl.load(grad_ptr + sb * KV + (kb + rb[:, None]) * V + cv[None, :],
+                            mask=(kb + rb[:, None] < K) & (cv[None, :] < V), other=0.0)
+                gs += tl.dot(mt, x, input_precision="tf32x3")
+            tl.debug_barrier()
+        _store_state(dh0_ptr + (n * H + ih).to(tl.int64) * KV, gs, K, V, c0, BK, BV)
 
 
 # ----------------------------------------------------------------------------------------------
