@@ -47,9 +47,11 @@ CONFIG = {
     "dqk_bk": 128,
     "dqk_bv": 64,
     "dqk_warps": 8,
+    "dqk_stages": 2,
     "wy_bk": 128,
     "wy_bv": 128,
     "wy_warps": 8,
+    "wy_stages": 2,
 }
 
 
@@ -215,7 +217,7 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
-        num_warps=CONFIG["chain_warps"], num_stages=CONFIG["chain_stages"])
+        num_warps=CONFIG["chain_warps"], num_stages=CONFIG["chain_stages"] if L.K <= 128 else 1)
 
 
 def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
@@ -311,7 +313,7 @@ def backward(call: Call, h0, do, dht) -> Grads:
         L.q, L.k, gc, h, vn, do, dh, dvn, dq, dk_part, dw, dg_part, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=bk, BV=min(_pow2(L.V), CONFIG["dqk_bv"]), IS_VARLEN=L.varlen, USE_G=use_g,
-        num_warps=CONFIG["dqk_warps"])
+        num_warps=CONFIG["dqk_warps"], num_stages=CONFIG["dqk_stages"])
     dk = L.new(L.rows, L.H, L.K)
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
@@ -320,6 +322,6 @@ def backward(call: Call, h0, do, dht) -> Grads:
         L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
-        IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"])
+        IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"], num_stages=CONFIG["wy_stages"])
     return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
                  _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)
