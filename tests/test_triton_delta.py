@@ -29,6 +29,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
 def segments(request, monkeypatch):
     """Chains over whole documents, or over segments combined by the fp32 segment scan."""
     monkeypatch.setitem(delta.CONFIG, "seg_chunks", request.param)
+    monkeypatch.setitem(delta.CONFIG, "state_seg_chunks", request.param)
     return request.param
 
 

@@ -24,17 +24,17 @@ import sys
 import time
 import traceback
 
+# Each configuration is checked (by one or more workers, each with its own case list) before it
+# is timed. "A" is the default (delta.CONFIG); the others vary launch settings of single kernels so
+# that each setting is verified on its own; "E" is run 1's best (the fused WY preparation).
 CONFIGS = {
-    "base": {},
-    "bv16": {"chain_bv": 16},
-    "bv64": {"chain_bv": 64},
-    "seg32": {"seg_chunks": 32},
-    "seg64": {"seg_chunks": 64},
-    "seg128": {"seg_chunks": 128},
-    "seg64-bv64": {"seg_chunks": 64, "chain_bv": 64},
-    "st3": {"chain_stages": 3},
-    "par4": {"dqk_bk": 64, "dqk_warps": 4, "out_warps": 4, "prep_warps": 8},
+    "A": {},
+    "B": {"solve_warps": 1, "chain_bv": 16, "out_warps": 4},
+    "C": {"solve_warps": 4, "wy_warps": 4, "dqk_bv": 128},
+    "D": {"seg_chunks": 64, "apply_warps": 8, "state_seg_chunks": 32, "state_bv": 32},
+    "E": {"prep": "fused"},
 }
+WORKERS = [("A", "core"), ("A", "ext"), ("B", "core"), ("C", "core"), ("D", "core"), ("E", "core")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1: the whole script on the CPU under the Triton interpreter at tiny sizes (checks
 # the script itself before it spends device time)
@@ -117,60 +117,40 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     return errs
 
 
-def _cases(extended: bool):
-    cu_short = [0, 1, 700, 1900, 1901, 3001]
+def _cases(which: str):
+    """core: the timed specialisation (B=1, H=16, T a multiple of 16, no h0 / dht), with the
+    state-only passes and the transition, and packed documents with h0 / dht; ext: the rest."""
     cu_long = [0, 5000, 5001, 9000]
-    cases = [
-        ("gated_delta_rule", 2, 1000, 4, 128, 128, "bfloat16", dict(h0=True, dht=True)),
-        ("delta_rule", 2, 1000, 4, 128, 128, "bfloat16", dict(h0=False, dht=False)),
-        ("gated_delta_rule", 1, 3001, 4, 128, 128, "bfloat16", dict(h0=True, dht=True, cu=cu_short)),
-        ("gated_delta_rule", 1, 16384, 2, 128, 128, "bfloat16", dict(h0=True, dht=True, passes=True)),
-        ("gated_delta_rule", 1, 9000, 2, 128, 128, "bfloat16", dict(h0=True, dht=True, cu=cu_long, passes=True)),
-        ("delta_rule", 1, 9000, 2, 128, 128, "bfloat16", dict(h0=True, dht=False, cu=cu_long, passes=True)),
-    ]
     if SMOKE:
-        cases = [("gated_delta_rule", 2, 100, 2, 16, 16, "float32", dict(h0=True, dht=True)),
-                 ("delta_rule", 1, 300, 1, 16, 16, "float32",
-                  dict(h0=True, dht=True, cu=[0, 1, 130, 300], passes=True))]
-    elif extended:
-        cases += [
-            ("gated_delta_rule", 1, 777, 2, 64, 64, "float16", dict(h0=True, dht=True)),
-            ("delta_rule", 1, 777, 2, 64, 64, "float16", dict(h0=True, dht=True)),
-            ("gated_delta_rule", 1, 500, 2, 256, 256, "bfloat16", dict(h0=True, dht=True)),
-            ("delta_rule", 1, 500, 2, 256, 256, "bfloat16", dict(h0=True, dht=True)),
-            ("gated_delta_rule", 1, 300, 2, 128, 128, "float32", dict(h0=True, dht=True)),
-            ("gated_delta_rule", 1, 300, 2, 64, 128, "bfloat16", dict(h0=True, dht=True)),
+        return [("gated_delta_rule", 1, 128, 2, 16, 16, "float32", dict(h0=False, dht=False, passes=True)),
+                ("gated_delta_rule", 1, 300, 1, 16, 16, "float32",
+                 dict(h0=True, dht=True, cu=[0, 1, 130, 300], passes=True))][: 1 if which == "ext" else 2]
+    if which == "core":
+        return [
+            ("gated_delta_rule", 1, 8192, 16, 128, 128, "bfloat16", dict(h0=False, dht=False, passes=True)),
+            ("gated_delta_rule", 1, 9000, 2, 128, 128, "bfloat16", dict(h0=True, dht=True, cu=cu_long, passes=True)),
         ]
-    return cases
+    return [
+        ("delta_rule", 1, 8192, 16, 128, 128, "bfloat16", dict(h0=False, dht=False, passes=True)),
+        ("delta_rule", 1, 9000, 2, 128, 128, "bfloat16", dict(h0=True, dht=True, cu=cu_long, passes=True)),
+        ("gated_delta_rule", 2, 1000, 4, 128, 128, "bfloat16", dict(h0=True, dht=True)),
+        ("gated_delta_rule", 1, 777, 2, 64, 64, "float16", dict(h0=True, dht=True)),
+        ("gated_delta_rule", 1, 500, 2, 256, 256, "bfloat16", dict(h0=True, dht=True)),
+        ("delta_rule", 1, 500, 2, 256, 256, "bfloat16", dict(h0=True, dht=True)),
+        ("gated_delta_rule", 1, 300, 2, 128, 128, "float32", dict(h0=True, dht=True)),
+    ]
 
 
-def _warm(delta):
-    """Compile the specialisations that the timing shapes use (T, rows multiples of 16, H = 16)."""
-    import torch
-
-    from seqpar_kernels.explicit import Call
-
-    T, H, D = (128, 2, 16) if SMOKE else (16384, 16, 128)
-    for variant in ("gated_delta_rule", "delta_rule"):
-        q, k, v, g, beta, _, _ = _inputs(variant, 1, T, H, D, D, torch.float32 if SMOKE else torch.bfloat16, h0=False)
-        call = Call(q, k, v, g, beta, 128 ** -0.5)
-        o, _ = delta.forward(call, None)
-        delta.backward(call, None, torch.randn_like(o), None)
-        delta.final_state(call, None)
-        delta.state_grad(call, torch.randn_like(o), None)
-    _sync()
-
-
-def check_config(name: str, overrides: dict, extended: bool) -> dict:
-    """Worker: all check cases of one configuration."""
+def check_config(name: str, overrides: dict, which: str) -> dict:
+    """Worker: the check cases `which` of one configuration."""
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from seqpar_kernels.triton import delta
 
     delta.CONFIG.update(overrides)
-    out = {"config": name, "overrides": overrides, "cases": [], "ok": True}
+    out = {"config": name, "which": which, "overrides": overrides, "cases": [], "ok": True}
     t0 = time.time()
     try:
-        for variant, B, T, H, K, V, dt, kw in _cases(extended):
+        for variant, B, T, H, K, V, dt, kw in _cases(which):
             errs = _check_case(delta, variant, B, T, H, K, V, dt, **kw)
             tol = TOL[dt]
             ok = all(math.isfinite(e) and e < tol for e in errs.values())
@@ -178,7 +158,6 @@ def check_config(name: str, overrides: dict, extended: bool) -> dict:
             out["cases"].append({"variant": variant, "B": B, "T": T, "H": H, "K": K, "V": V, "dtype": dt,
                                  **{k: v for k, v in kw.items() if k != "cu"},
                                  "cu_seqlens": kw.get("cu"), "tol": tol, "ok": ok, "errors": errs})
-        _warm(delta)
     except Exception:  # a compile or launch failure fails the configuration, with its trace
         out["ok"] = False
         out["error"] = traceback.format_exc()
@@ -298,26 +277,32 @@ def ceilings():
     return {"copy_TBps": bw, "bf16_matmul_TFLOPs": 2 * 8192 ** 3 / (tm * 1e-3) / 1e12}
 
 
+def _dump(report, out):
+    with open(os.path.join(out, "delta_gpu.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+def _fmt(d):
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--lengths", default="65536,262144")
-    ap.add_argument("--workers", type=int, default=9)
     args = ap.parse_args()
     import torch
     import triton
 
-    names = args.configs.split(",")
     lengths = [int(x) for x in args.lengths.split(",")]
-    report = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "configs": CONFIGS}
     print(report, flush=True)
     t0 = time.time()
     ctx = mp.get_context("spawn")
-    with ctx.Pool(min(args.workers, len(names))) as pool:
-        pending = [pool.apply_async(check_config, (n, CONFIGS[n], n == "base")) for n in names]
-        # meanwhile: compile / autotune fla once (not keyed on T) and measure the ceilings
+    with ctx.Pool(len(WORKERS)) as pool:
+        pending = [pool.apply_async(check_config, (n, CONFIGS[n], w)) for n, w in WORKERS]
+        # meanwhile: compile / autotune fla once (its autotuning is not keyed on T), the ceilings
         from seqpar_kernels.triton import delta
 
         report["ceilings"] = ceilings()
@@ -336,58 +321,55 @@ def main():
         for case in c["cases"]:
             for k, e in case["errors"].items():
                 worst[k] = max(worst.get(k, 0.0), e) if math.isfinite(e) else float("nan")
-        print(f"  {c['config']:12s} {'PASS' if c['ok'] else 'FAIL'} {c['seconds']:.0f}s worst: "
+        print(f"  {c['config']}/{c['which']:5s} {'PASS' if c['ok'] else 'FAIL'} {c['seconds']:.0f}s worst: "
               + " ".join(f"{k}={v:.1e}" for k, v in worst.items()), flush=True)
         if "error" in c:
             print(c["error"], flush=True)
         for case in c["cases"]:
             if not case["ok"]:
                 print("    failed:", case, flush=True)
-    passed = [c["config"] for c in checks if c["ok"]]
-    with open(os.path.join(args.out, "delta_gpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
-
-    from seqpar_kernels.triton import delta
+    passed = [n for n in CONFIGS if all(c["ok"] for c in checks if c["config"] == n)]
+    _dump(report, args.out)
 
     defaults = dict(delta.CONFIG)
-    timings = {}
-    for n in passed:
+    timings, breakdowns = {}, {}
+    report["timings"], report["breakdown"] = timings, breakdowns
+
+    def use(n):
         delta.CONFIG.clear()
         delta.CONFIG.update(defaults, **CONFIGS[n])
+
+    for i, n in enumerate(passed):
+        use(n)
         for T in lengths:
-            timings[f"{n}/gated_delta_rule/{T}"] = time_config(delta, "gated_delta_rule", T,
-                                                              with_fla=(n == passed[0]) and not SMOKE)
-            print(n, T, {k: (round(v, 3) if isinstance(v, float) else v)
-                         for k, v in timings[f"{n}/gated_delta_rule/{T}"].items()}, flush=True)
-    report["timings"] = timings
-    if passed:
-        fla_ref = {T: timings[f"{passed[0]}/gated_delta_rule/{T}"].get("fla_fwdbwd") for T in lengths}
-        best = min(passed, key=lambda n: sum(timings[f"{n}/gated_delta_rule/{T}"]["fwdbwd"] for T in lengths))
-        report["best"] = best
-        delta.CONFIG.clear()
-        delta.CONFIG.update(defaults, **CONFIGS[best])
+            key = f"{n}/gated_delta_rule/{T}"
+            timings[key] = time_config(delta, "gated_delta_rule", T, with_fla=(i == 0) and not SMOKE)
+            print(key, _fmt(timings[key]), flush=True)
+        breakdowns[f"{n}/gated_delta_rule/{lengths[0]}"] = breakdown(delta, "gated_delta_rule", lengths[0])
+        _dump(report, args.out)
+    if "A" in passed:
+        use("A")
         for T in lengths:
-            timings[f"{best}/delta_rule/{T}"] = time_config(delta, "delta_rule", T, with_fla=not SMOKE)
-        report["breakdown"] = {f"{best}/{v}/{lengths[0]}": breakdown(delta, v, lengths[0])
-                               for v in ("gated_delta_rule", "delta_rule")}
-        print(f"\nfwd+bwd ms, B=1 H=16 K=V=128 bf16, {report['device']}")
-        print(f"{'config':14s}" + "".join(f"{T:>12d}" for T in lengths))
-        print(f"{'fla':14s}" + "".join(f"{fla_ref[T] or float('nan'):12.3f}" for T in lengths))
-        for n in passed:
-            print(f"{n:14s}" + "".join(f"{timings[f'{n}/gated_delta_rule/{T}']['fwdbwd']:12.3f}" for T in lengths))
-        print(f"best: {best}")
-        for key in (f"{best}/gated_delta_rule", f"{best}/delta_rule"):
-            for T in lengths:
-                print(key, T, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings[f"{key}/{T}"].items()})
-        for key, rows in report["breakdown"].items():
-            print("breakdown", key)
-            for kname, r in list(rows.items())[:12]:
-                print(f"   {r['ms_per_iter']:8.3f} ms  x{r['calls_per_iter']:.0f}  {kname[:90]}")
+            key = f"A/delta_rule/{T}"
+            timings[key] = time_config(delta, "delta_rule", T, with_fla=not SMOKE)
+            print(key, _fmt(timings[key]), flush=True)
+        breakdowns[f"A/delta_rule/{lengths[0]}"] = breakdown(delta, "delta_rule", lengths[0])
     report["seconds"] = time.time() - t0
-    with open(os.path.join(args.out, "delta_gpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    if len(passed) != len(names):
-        print("FAILED configurations:", [n for n in names if n not in passed])
+    _dump(report, args.out)
+    if passed:
+        first = passed[0]
+        print(f"\nfwd+bwd ms, B=1 H=16 K=V=128 bf16, {report['device']}")
+        print(f"{'config':8s}" + "".join(f"{T:>12d}" for T in lengths))
+        print(f"{'fla':8s}" + "".join(f"{timings[f'{first}/gated_delta_rule/{T}'].get('fla_fwdbwd', float('nan')):12.3f}"
+                                     for T in lengths))
+        for n in passed:
+            print(f"{n:8s}" + "".join(f"{timings[f'{n}/gated_delta_rule/{T}']['fwdbwd']:12.3f}" for T in lengths))
+        for key, rows in breakdowns.items():
+            print("breakdown", key, " ".join(f"{kn}={r['ms_per_iter']:.3f}x{r['calls_per_iter']:.0f}"
+                                              for kn, r in rows.items() if r["ms_per_iter"] > 0.01))
+    failed = [n for n in CONFIGS if n not in passed]
+    if failed:
+        print("FAILED configurations:", failed)
         sys.exit(1)
 
 

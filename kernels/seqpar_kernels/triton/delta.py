@@ -36,12 +36,19 @@ MAX_HEAD_DIM = 256
 # 8 warps for their 64 x 128 fp32 accumulators. bwd_wy stays at 8 warps: fla saw wrong dk/dbeta
 # from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
 CONFIG = {
-    "seg_chunks": 0,  # cut documents into segments of this many chunks (0: never)
+    "seg_chunks": 0,  # forward / backward: cut documents into segments of this many chunks (0: never)
+    "state_seg_chunks": 64,  # the same for final_state / state_grad (no per-chunk states kept)
+    "state_bv": 64,  # V block of the chains in final_state / state_grad
     "scan_bv": 32,
+    "prep": "split",  # "split": wy_solve (T, few warps) + wy_apply (W, U); "fused": wy_prep
+    "solve_warps": 2,
+    "solve_bk": 64,
+    "apply_warps": 4,
+    "apply_bk": 128,
     "prep_warps": 4,
     "chain_bv": 32,
     "chain_warps": 4,
-    "chain_stages": 2,
+    "chain_stages": 3,
     "out_bv": 128,
     "out_warps": 8,
     "dqk_bk": 128,
@@ -177,16 +184,28 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
     gc = L.new(L.rows, L.H, dtype=torch.float32) if L.g is not None else None
     w = L.new(L.rows, L.H, L.K)
     u = L.new(L.rows, L.H, L.V) if store_u else None
-    t = L.new(L.rows, L.H, CHUNK) if store_t else None
+    split = CONFIG["prep"] == "split"
+    t = L.new(L.rows, L.H, CHUNK) if store_t or split else None
     dvl = L.new(L.rows, L.H, L.V) if do is not None else None
     any_ = w
-    kern.wy_prep[(L.n_chunks, L.H)](
-        L.k, L.v, L.beta, L.g if L.g is not None else any_, L.q, do if do is not None else any_,
-        gc if gc is not None else any_, w, u if u is not None else any_, t if t is not None else any_,
-        dvl if dvl is not None else any_,
-        L.cu, L.idx, L.scale, L.T, L.NT, L.H, L.K, L.V,
-        BK=L.BK, BV=min(_pow2(L.V), 128), IS_VARLEN=L.varlen, USE_G=L.g is not None,
-        STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, num_warps=CONFIG["prep_warps"])
+    pick = lambda x: x if x is not None else any_  # noqa: E731
+    use_g = L.g is not None
+    bv = min(_pow2(L.V), 128)
+    if split:
+        kern.wy_solve[(L.n_chunks, L.H)](
+            L.k, L.beta, pick(L.g), pick(gc), t, L.cu, L.idx, L.T, L.NT, L.H, L.K,
+            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["solve_warps"])
+        kern.wy_apply[(L.n_chunks, L.H)](
+            L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
+            L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
+            BK=min(L.BK, CONFIG["apply_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
+            STORE_U=store_u, DO_DVL=do is not None, num_warps=CONFIG["apply_warps"])
+    else:
+        kern.wy_prep[(L.n_chunks, L.H)](
+            L.k, L.v, L.beta, pick(L.g), L.q, pick(do), pick(gc), w, pick(u), pick(t), pick(dvl),
+            L.cu, L.idx, L.scale, L.T, L.NT, L.H, L.K, L.V,
+            BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
+            STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, num_warps=CONFIG["prep_warps"])
     return _WY(gc, w, u, t, dvl)
 
 
@@ -201,9 +220,9 @@ class _States:
 
 
 def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_v=True, with_m=False,
-          finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None):
+          finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None, bv=32):
     """One launch of state_pass over the segments in `seg`; r receives the per-chunk tensors (STORE)."""
-    bv = min(_pow2(L.V), CONFIG["chain_bv"])
+    bv = min(_pow2(L.V), bv)
     nvb = triton.cdiv(L.V, bv)
     cols = max(nvb * int(forward and fwd_v) + triton.cdiv(L.K, bv) * int(forward and with_m), nvb * int(reverse))
     any_ = wy.w
@@ -237,17 +256,19 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
         r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32)
     h0 = h0.to(f32).contiguous() if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
-    seg, segoff, n_seg, cut = _segment_plan(L.bounds, CONFIG["seg_chunks"], L.q.device)
+    seg_chunks, bv = ((CONFIG["seg_chunks"], CONFIG["chain_bv"]) if store
+                      else (CONFIG["state_seg_chunks"], CONFIG["state_bv"]))
+    seg, segoff, n_seg, cut = _segment_plan(L.bounds, seg_chunks, L.q.device)
     if not cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
         _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=h0, rinit=dht,
-              fout=r.ht, rout=r.dh0, r=r if store else None, do=do)
+              fout=r.ht, rout=r.dh0, r=r if store else None, do=do, bv=bv)
         return r
     # 1. every segment from zero: its final state / gradient, and its dense transition
     fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
     rsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
     m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
     _pass(L, wy, seg, n_seg, forward=True, reverse=reverse, fwd_v=forward, with_m=True,
-          fout=fsum, m=m, rout=rsum, do=do)
+          fout=fsum, m=m, rout=rsum, do=do, bv=bv)
     # 2. the scan over segments: every segment's start state / end-state gradient
     start = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
     grad = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
@@ -260,7 +281,7 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
         USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
     # 3. the per-chunk states, every segment from its true start
     if store:
-        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do)
+        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do, bv=bv)
     return r
 
 

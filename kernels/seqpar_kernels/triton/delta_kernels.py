@@ -300,6 +300,169 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
             _store_tile(dvl_ptr + ih * V, tl.dot(a, dof), t0, eos, HV, c0, V, 64, BV)
 
 
+@triton.jit
+def _akk(a, ba, ga, gb, DIAG: tl.constexpr, USE_G: tl.constexpr):
+    """Scale a 16 x 16 block of K K^T into Akk = beta_i k_i.k_j exp(g_i - g_j) (strictly lower)."""
+    a = a * ba[:, None]
+    if DIAG:
+        i = tl.arange(0, 16)
+        lower = i[:, None] > i[None, :]
+        if USE_G:
+            a = a * _ratio(ga[:, None] - gb[None, :], lower)
+        a = tl.where(lower, a, 0.0)
+    elif USE_G:
+        a = a * tl.exp(ga[:, None] - gb[None, :])
+    return a
+
+
+@triton.jit
+def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K,
+             BK: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr):
+    """The cumulative in-chunk gate and T = (I + Akk)^-1 of one (chunk, head), in 16 x 16 blocks:
+    K K^T accumulated over K slices of BK, the diagonal blocks inverted by the nilpotent product
+    formula, the others by block forward substitution, all in fp32. Small blocks: run it with
+    few warps."""
+    pid = tl.program_id(0)
+    ih = tl.program_id(1)
+    n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
+    HK = H * K
+    kh = k_ptr + ih * K
+    a00 = tl.zeros([16, 16], dtype=tl.float32)
+    a11 = tl.zeros([16, 16], dtype=tl.float32)
+    a22 = tl.zeros([16, 16], dtype=tl.float32)
+    a33 = tl.zeros([16, 16], dtype=tl.float32)
+    a10 = tl.zeros([16, 16], dtype=tl.float32)
+    a20 = tl.zeros([16, 16], dtype=tl.float32)
+    a21 = tl.zeros([16, 16], dtype=tl.float32)
+    a30 = tl.zeros([16, 16], dtype=tl.float32)
+    a31 = tl.zeros([16, 16], dtype=tl.float32)
+    a32 = tl.zeros([16, 16], dtype=tl.float32)
+    for c0 in range(0, K, BK):
+        k0 = _tile(kh, t0, eos, HK, c0, K, 16, BK)
+        k1 = _tile(kh, t0 + 16, eos, HK, c0, K, 16, BK)
+        k2 = _tile(kh, t0 + 32, eos, HK, c0, K, 16, BK)
+        k3 = _tile(kh, t0 + 48, eos, HK, c0, K, 16, BK)
+        kt0 = _tile_t(kh, t0, eos, HK, c0, K, 16, BK)
+        kt1 = _tile_t(kh, t0 + 16, eos, HK, c0, K, 16, BK)
+        kt2 = _tile_t(kh, t0 + 32, eos, HK, c0, K, 16, BK)
+        a00 += tl.dot(k0, kt0)
+        a11 += tl.dot(k1, kt1)
+        a22 += tl.dot(k2, kt2)
+        a33 += tl.dot(k3, _tile_t(kh, t0 + 48, eos, HK, c0, K, 16, BK))
+        a10 += tl.dot(k1, kt0)
+        a20 += tl.dot(k2, kt0)
+        a21 += tl.dot(k2, kt1)
+        a30 += tl.dot(k3, kt0)
+        a31 += tl.dot(k3, kt1)
+        a32 += tl.dot(k3, kt2)
+    bh = beta_ptr + ih
+    b0 = _vec(bh, t0, eos, H, 16)
+    b1 = _vec(bh, t0 + 16, eos, H, 16)
+    b2 = _vec(bh, t0 + 32, eos, H, 16)
+    b3 = _vec(bh, t0 + 48, eos, H, 16)
+    if USE_G:
+        gh = g_ptr + ih
+        r0 = _vec(gh, t0, eos, H, 16)
+        r1 = _vec(gh, t0 + 16, eos, H, 16)
+        r2 = _vec(gh, t0 + 32, eos, H, 16)
+        r3 = _vec(gh, t0 + 48, eos, H, 16)
+        s0 = tl.sum(r0, 0)
+        s1 = s0 + tl.sum(r1, 0)
+        s2 = s1 + tl.sum(r2, 0)
+        g0 = tl.cumsum(r0, 0)
+        g1 = tl.cumsum(r1, 0) + s0
+        g2 = tl.cumsum(r2, 0) + s1
+        g3 = tl.cumsum(r3, 0) + s2
+        gch = gc_ptr + ih
+        _store_vec(gch, g0, t0, eos, H, 16)
+        _store_vec(gch, g1, t0 + 16, eos, H, 16)
+        _store_vec(gch, g2, t0 + 32, eos, H, 16)
+        _store_vec(gch, g3, t0 + 48, eos, H, 16)
+    else:
+        g0 = b0
+        g1 = b1
+        g2 = b2
+        g3 = b3
+    T00 = _inv_unit_lower16(_akk(a00, b0, g0, g0, True, USE_G))
+    T11 = _inv_unit_lower16(_akk(a11, b1, g1, g1, True, USE_G))
+    T22 = _inv_unit_lower16(_akk(a22, b2, g2, g2, True, USE_G))
+    T33 = _inv_unit_lower16(_akk(a33, b3, g3, g3, True, USE_G))
+    A10 = _akk(a10, b1, g1, g0, False, USE_G)
+    A20 = _akk(a20, b2, g2, g0, False, USE_G)
+    A21 = _akk(a21, b2, g2, g1, False, USE_G)
+    A30 = _akk(a30, b3, g3, g0, False, USE_G)
+    A31 = _akk(a31, b3, g3, g1, False, USE_G)
+    A32 = _akk(a32, b3, g3, g2, False, USE_G)
+    T10 = -_mm(T11, _mm(A10, T00))
+    T21 = -_mm(T22, _mm(A21, T11))
+    T20 = -_mm(T22, _mm(A20, T00) + _mm(A21, T10))
+    T32 = -_mm(T33, _mm(A32, T22))
+    T31 = -_mm(T33, _mm(A31, T11) + _mm(A32, T21))
+    T30 = -_mm(T33, _mm(A30, T00) + _mm(A31, T10) + _mm(A32, T20))
+    th = t_ptr + ih * 64
+    HC = H * 64
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    _store_tile(th, T00, t0, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, z, t0, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, z, t0, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, z, t0, eos, HC, 48, 64, 16, 16)
+    _store_tile(th, T10, t0 + 16, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, T11, t0 + 16, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, z, t0 + 16, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, z, t0 + 16, eos, HC, 48, 64, 16, 16)
+    _store_tile(th, T20, t0 + 32, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, T21, t0 + 32, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, T22, t0 + 32, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, z, t0 + 32, eos, HC, 48, 64, 16, 16)
+    _store_tile(th, T30, t0 + 48, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, T31, t0 + 48, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, T32, t0 + 48, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, T33, t0 + 48, eos, HC, 48, 64, 16, 16)
+
+
+@triton.jit
+def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
+             cu_ptr, idx_ptr, T, NT, H, K, V,
+             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
+             STORE_U: tl.constexpr, DO_DVL: tl.constexpr):
+    """W = T diag(beta exp(g)) K, U = T diag(beta) V (full 64-row products with T from wy_solve),
+    and for the backward dVl = scale (Q K^T * D)^T dO, the part of dVn the chain does not carry."""
+    pid = tl.program_id(0)
+    ih = tl.program_id(1)
+    n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
+    HK = H * K
+    HV = H * V
+    tm = _tile(t_ptr + ih * 64, t0, eos, H * 64, 0, 64, 64, 64)
+    dt = tm.dtype
+    beta = _vec(beta_ptr + ih, t0, eos, H, 64)
+    if USE_G:
+        g = _vec(gc_ptr + ih, t0, eos, H, 64)
+        bg = beta * tl.exp(g)
+    else:
+        bg = beta
+    for c0 in range(0, K, BK):
+        x = (_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK) * bg[:, None]).to(dt)
+        _store_tile(w_ptr + ih * K, tl.dot(tm, x), t0, eos, HK, c0, K, 64, BK)
+    if STORE_U:
+        for c0 in range(0, V, BV):
+            y = (_tile(v_ptr + ih * V, t0, eos, HV, c0, V, 64, BV) * beta[:, None]).to(dt)
+            _store_tile(u_ptr + ih * V, tl.dot(tm, y), t0, eos, HV, c0, V, 64, BV)
+    if DO_DVL:
+        a = tl.zeros([64, 64], dtype=tl.float32)
+        for c0 in range(0, K, BK):
+            a += tl.dot(_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK),
+                        _tile_t(q_ptr + ih * K, t0, eos, HK, c0, K, 64, BK))
+        o_i = tl.arange(0, 64)
+        upper = o_i[:, None] <= o_i[None, :]  # rows j (keys), columns i (queries)
+        a = a * scale
+        if USE_G:
+            a = a * _ratio(g[None, :] - g[:, None], upper)
+        a = tl.where(upper, a, 0.0).to(dt)
+        for c0 in range(0, V, BV):
+            dof = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
+            _store_tile(dvl_ptr + ih * V, tl.dot(a, dof), t0, eos, HV, c0, V, 64, BV)
+
+
 # ----------------------------------------------------------------------------------------------
 # The state chains: one program per (column block, segment x head[, direction])
 #
@@ -359,6 +522,10 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
             g = _vec(gc_ptr + ih, t0, eos, H, 64)
             kt = (kt * tl.exp(gl - g)[None, :]).to(w.dtype)
             st = st * tl.exp(gl)
+        elif BK > 128:
+            # delta_rule with K = 256 hit an illegal address on Hopper (triton 3.6) when this
+            # tile went to the product straight from its load; route it through registers
+            kt = kt.to(tl.float32).to(w.dtype)
         st += tl.dot(kt, vn.to(w.dtype))
     if WRITE_FINAL:
         if TRANSITION:
@@ -399,12 +566,13 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_pt
             qt = (qt * (tl.exp(g) * scale)[None, :]).to(wt.dtype)
         else:
             qt = (qt * scale).to(wt.dtype)
+        qd = tl.dot(qt, do)  # independent of the chain: issued first so it can overlap
         dvn = dvl.to(tl.float32) + tl.dot(kk, ds.to(wt.dtype))
         if STORE:
             _store_tile(dvn_ptr + ih * V, dvn, t0, eos, HV, c0, V, 64, BV)
         if USE_G:
             ds = ds * tl.exp(gl)
-        ds += tl.dot(qt, do) - tl.dot(wt, dvn.to(wt.dtype))
+        ds += qd - tl.dot(wt, dvn.to(wt.dtype))
     if WRITE_FINAL:
         _store_state(out_ptr + sb * K * V, ds, K, V, c0, BK, BV)
 
