@@ -125,6 +125,17 @@ def test_state_passes(variant, segments):
     assert rel_err(delta.state_grad(call, do.float(), None), want0["dinitial_state"]) < 1e-4
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_split_preparation(variant, monkeypatch):
+    """The alternative WY preparation (wy_solve + wy_apply) gives the same results: packed
+    documents, head dims not powers of two, h0 and dht."""
+    monkeypatch.setitem(delta.CONFIG, "prep", "split")
+    cu = torch.tensor([0, 1, 65, 130, 149])
+    x = random_inputs(variant, B=1, T=149, H=2, K=20, V=12, n_states=4, seed=17)
+    got, want = _run(variant, x, torch.float32, True, True, cu_seqlens=cu)
+    _check(got, want, TOL[torch.float32], f"{variant} split preparation")
+
+
 def _transition(x, cu):
     """prod_t exp(g_t) (I - beta_t k_t k_t^T), last token leftmost, per document and head (float64)."""
     H, K = x.k.shape[2], x.k.shape[3]

@@ -28,27 +28,33 @@ CHUNK = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
-# Launch settings. The chains are latency-bound (one program per V block, document and head walks
-# every chunk), so they use narrow V blocks for more programs in flight, and long documents can be
-# cut into segments (seg_chunks): each segment's zero-start state and dense transition come from
-# one parallel pass, a short fp32 scan over segments gives every segment its start state, and a
-# second parallel pass recomputes the per-chunk states; the parallel kernels use
-# 8 warps for their 64 x 128 fp32 accumulators. bwd_wy stays at 8 warps: fla saw wrong dk/dbeta
-# from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
+# Launch settings. The defaults are the combination checked against float64 and timed on an H100
+# with triton 3.6 (docs/performance.md, "Delta-rule kernels"); tools/delta_gpu.py checks and times
+# alternatives. The chains are latency-bound (one program per V block, document and head walks
+# every chunk), so they use narrow V blocks for more programs in flight. Long documents can be cut
+# into segments: each segment's zero-start state and dense transition come from one parallel pass,
+# a short fp32 scan over segments gives every segment its start state, and (forward / backward
+# only) a second parallel pass recomputes the per-chunk states. That triples the chain work, so it
+# pays only where no per-chunk states are needed: final_state / state_grad (state_*). The parallel
+# kernels use 8 warps for their 64 x 128 fp32 accumulators; bwd_wy must stay at 8: fla saw wrong
+# dk/dbeta from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
+# prep "split" (wy_solve with few warps + wy_apply) is exact under the interpreter but has not yet
+# been checked on a GPU; "fused" (wy_prep) has.
 CONFIG = {
-    "seg_chunks": 0,  # forward / backward: cut documents into segments of this many chunks (0: never)
-    "state_seg_chunks": 64,  # the same for final_state / state_grad (no per-chunk states kept)
-    "state_bv": 64,  # V block of the chains in final_state / state_grad
+    "seg_chunks": 0,  # forward / backward: segments of this many chunks (0: whole documents)
+    "chain_bv": 32,
+    "chain_warps": 4,
+    "chain_stages": 3,
+    "state_seg_chunks": 64,  # final_state / state_grad
+    "state_bv": 64,
+    "state_stages": 2,
     "scan_bv": 32,
-    "prep": "split",  # "split": wy_solve (T, few warps) + wy_apply (W, U); "fused": wy_prep
+    "prep": "fused",
+    "prep_warps": 4,
     "solve_warps": 2,
     "solve_bk": 64,
     "apply_warps": 4,
     "apply_bk": 128,
-    "prep_warps": 4,
-    "chain_bv": 32,
-    "chain_warps": 4,
-    "chain_stages": 3,
     "out_bv": 128,
     "out_warps": 8,
     "dqk_bk": 128,
@@ -162,6 +168,10 @@ def _layout(call: Call) -> _Layout:
     V = v.shape[-1]
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise ValueError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
+    if call.g is None and max(K, V) > 128 and q.is_cuda:
+        raise ValueError(f"delta_rule with head dims above 128 (K={K}, V={V}) hit an illegal memory access in "
+                         "the Triton kernels on an H100 with triton 3.6 (gated_delta_rule at 256 passed); "
+                         "use backend='torch' or head dims <= 128")
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     bounds = _doc_bounds(call)
     cu, idx, n_chunks = _chunk_plan(bounds, q.device)
@@ -220,7 +230,8 @@ class _States:
 
 
 def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_v=True, with_m=False,
-          finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None, bv=32):
+          finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None,
+          bv=32, stages=2):
     """One launch of state_pass over the segments in `seg`; r receives the per-chunk tensors (STORE)."""
     bv = min(_pow2(L.V), bv)
     nvb = triton.cdiv(L.V, bv)
@@ -236,7 +247,7 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
-        num_warps=CONFIG["chain_warps"], num_stages=CONFIG["chain_stages"] if L.K <= 128 else 1)
+        num_warps=CONFIG["chain_warps"], num_stages=stages if L.K <= 128 else 1)
 
 
 def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
@@ -256,19 +267,21 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
         r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32)
     h0 = h0.to(f32).contiguous() if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
-    seg_chunks, bv = ((CONFIG["seg_chunks"], CONFIG["chain_bv"]) if store
-                      else (CONFIG["state_seg_chunks"], CONFIG["state_bv"]))
+    if store:
+        seg_chunks, bv, stages = CONFIG["seg_chunks"], CONFIG["chain_bv"], CONFIG["chain_stages"]
+    else:
+        seg_chunks, bv, stages = CONFIG["state_seg_chunks"], CONFIG["state_bv"], CONFIG["state_stages"]
     seg, segoff, n_seg, cut = _segment_plan(L.bounds, seg_chunks, L.q.device)
     if not cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
         _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=h0, rinit=dht,
-              fout=r.ht, rout=r.dh0, r=r if store else None, do=do, bv=bv)
+              fout=r.ht, rout=r.dh0, r=r if store else None, do=do, bv=bv, stages=stages)
         return r
     # 1. every segment from zero: its final state / gradient, and its dense transition
     fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
     rsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
     m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
     _pass(L, wy, seg, n_seg, forward=True, reverse=reverse, fwd_v=forward, with_m=True,
-          fout=fsum, m=m, rout=rsum, do=do, bv=bv)
+          fout=fsum, m=m, rout=rsum, do=do, bv=bv, stages=stages)
     # 2. the scan over segments: every segment's start state / end-state gradient
     start = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
     grad = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
@@ -281,7 +294,8 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
         USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
     # 3. the per-chunk states, every segment from its true start
     if store:
-        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do, bv=bv)
+        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do,
+              bv=bv, stages=stages)
     return r
 
 
@@ -310,7 +324,7 @@ def final_state(call: Call, h0):
 
 def state_grad(call: Call, do, dht):
     L = _layout(call)
-    do = do.reshape(L.rows, L.H, L.V).contiguous()
+    do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
     wy = _prep(L, store_u=False, store_t=False, do=do)
     return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
 

@@ -115,9 +115,9 @@ def _store_state(ptr, x, K, V, col0, BK: tl.constexpr, BV: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _kkt_block(ka, kbT, ba, ga, gb, DIAG: tl.constexpr, USE_G: tl.constexpr):
-    """16 x 16 block of Akk = beta_i k_i.k_j exp(g_i - g_j) (rows of block a, columns of block b)."""
-    a = tl.dot(ka, kbT) * ba[:, None]
+def _akk(a, ba, ga, gb, DIAG: tl.constexpr, USE_G: tl.constexpr):
+    """Scale a 16 x 16 block of K K^T into Akk = beta_i k_i.k_j exp(g_i - g_j) (strictly lower)."""
+    a = a * ba[:, None]
     if DIAG:
         i = tl.arange(0, 16)
         lower = i[:, None] > i[None, :]
@@ -127,6 +127,41 @@ def _kkt_block(ka, kbT, ba, ga, gb, DIAG: tl.constexpr, USE_G: tl.constexpr):
     elif USE_G:
         a = a * tl.exp(ga[:, None] - gb[None, :])
     return a
+
+
+@triton.jit
+def _gates16(beta_ptr, g_ptr, gc_ptr, ih, t0, eos, H, USE_G: tl.constexpr):
+    """beta and the cumulative in-chunk gate of the chunk's four 16-token blocks (the gate is also
+    stored); without a gate the gate outputs are placeholders."""
+    bh = beta_ptr + ih
+    b0 = _vec(bh, t0, eos, H, 16)
+    b1 = _vec(bh, t0 + 16, eos, H, 16)
+    b2 = _vec(bh, t0 + 32, eos, H, 16)
+    b3 = _vec(bh, t0 + 48, eos, H, 16)
+    if USE_G:
+        gh = g_ptr + ih
+        r0 = _vec(gh, t0, eos, H, 16)
+        r1 = _vec(gh, t0 + 16, eos, H, 16)
+        r2 = _vec(gh, t0 + 32, eos, H, 16)
+        r3 = _vec(gh, t0 + 48, eos, H, 16)
+        s0 = tl.sum(r0, 0)
+        s1 = s0 + tl.sum(r1, 0)
+        s2 = s1 + tl.sum(r2, 0)
+        g0 = tl.cumsum(r0, 0)
+        g1 = tl.cumsum(r1, 0) + s0
+        g2 = tl.cumsum(r2, 0) + s1
+        g3 = tl.cumsum(r3, 0) + s2
+        gch = gc_ptr + ih
+        _store_vec(gch, g0, t0, eos, H, 16)
+        _store_vec(gch, g1, t0 + 16, eos, H, 16)
+        _store_vec(gch, g2, t0 + 32, eos, H, 16)
+        _store_vec(gch, g3, t0 + 48, eos, H, 16)
+    else:
+        g0 = b0
+        g1 = b1
+        g2 = b2
+        g3 = b3
+    return b0, b1, b2, b3, g0, g1, g2, g3
 
 
 @triton.jit
@@ -164,6 +199,84 @@ def _wy_rows(T0, T1, T2, T3, x0, x1, x2, x3, NB: tl.constexpr):
 
 
 @triton.jit
+def _solve16(a00, a11, a22, a33, a10, a20, a21, a30, a31, a32, b0, b1, b2, b3, g0, g1, g2, g3,
+             USE_G: tl.constexpr):
+    """T = (I + Akk)^-1 in 16 x 16 blocks from the blocks of K K^T: the diagonal blocks by the
+    nilpotent product formula, the others by block forward substitution, all in fp32."""
+    T00 = _inv_unit_lower16(_akk(a00, b0, g0, g0, True, USE_G))
+    T11 = _inv_unit_lower16(_akk(a11, b1, g1, g1, True, USE_G))
+    T22 = _inv_unit_lower16(_akk(a22, b2, g2, g2, True, USE_G))
+    T33 = _inv_unit_lower16(_akk(a33, b3, g3, g3, True, USE_G))
+    A10 = _akk(a10, b1, g1, g0, False, USE_G)
+    A20 = _akk(a20, b2, g2, g0, False, USE_G)
+    A21 = _akk(a21, b2, g2, g1, False, USE_G)
+    A30 = _akk(a30, b3, g3, g0, False, USE_G)
+    A31 = _akk(a31, b3, g3, g1, False, USE_G)
+    A32 = _akk(a32, b3, g3, g2, False, USE_G)
+    # T_ab = -T_aa sum_{b<=m<a} A_am T_mb
+    T10 = -_mm(T11, _mm(A10, T00))
+    T21 = -_mm(T22, _mm(A21, T11))
+    T20 = -_mm(T22, _mm(A20, T00) + _mm(A21, T10))
+    T32 = -_mm(T33, _mm(A32, T22))
+    T31 = -_mm(T33, _mm(A31, T11) + _mm(A32, T21))
+    T30 = -_mm(T33, _mm(A30, T00) + _mm(A31, T10) + _mm(A32, T20))
+    return T00, T10, T11, T20, T21, T22, T30, T31, T32, T33
+
+
+@triton.jit
+def _store_t16(t_ptr, ih, t0, eos, H, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33):
+    """The 64 x 64 T of one chunk into its rows of a [tokens, H, 64] tensor (zeros above)."""
+    th = t_ptr + ih * 64
+    HC = H * 64
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    _store_tile(th, T00, t0, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, z, t0, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, z, t0, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, z, t0, eos, HC, 48, 64, 16, 16)
+    _store_tile(th, T10, t0 + 16, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, T11, t0 + 16, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, z, t0 + 16, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, z, t0 + 16, eos, HC, 48, 64, 16, 16)
+    _store_tile(th, T20, t0 + 32, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, T21, t0 + 32, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, T22, t0 + 32, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, z, t0 + 32, eos, HC, 48, 64, 16, 16)
+    _store_tile(th, T30, t0 + 48, eos, HC, 0, 64, 16, 16)
+    _store_tile(th, T31, t0 + 48, eos, HC, 16, 64, 16, 16)
+    _store_tile(th, T32, t0 + 48, eos, HC, 32, 64, 16, 16)
+    _store_tile(th, T33, t0 + 48, eos, HC, 48, 64, 16, 16)
+
+
+@triton.jit
+def _beta_gate64(beta_ptr, gc_ptr, ih, t0, eos, H, USE_G: tl.constexpr):
+    """beta, the cumulative gate (beta as a placeholder without one) and beta exp(g) of a chunk."""
+    beta = _vec(beta_ptr + ih, t0, eos, H, 64)
+    if USE_G:
+        g = _vec(gc_ptr + ih, t0, eos, H, 64)
+        bg = beta * tl.exp(g)
+    else:
+        g = beta
+        bg = beta
+    return beta, g, bg
+
+
+@triton.jit
+def _local_dv(kq, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV: tl.constexpr, USE_G: tl.constexpr):
+    """dVl = scale (K Q^T * exp(g_i - g_j))_{i >= j} dO from kq = K Q^T of the chunk (rows j: keys,
+    columns i: queries): the part of dVn that the reverse chain does not carry."""
+    o_i = tl.arange(0, 64)
+    upper = o_i[:, None] <= o_i[None, :]
+    a = kq * scale
+    if USE_G:
+        a = a * _ratio(g[None, :] - g[:, None], upper)
+    a = tl.where(upper, a, 0.0).to(dvl_ptr.dtype.element_ty)
+    HV = H * V
+    for c0 in range(0, V, BV):
+        dof = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
+        _store_tile(dvl_ptr + ih * V, tl.dot(a, dof), t0, eos, HV, c0, V, 64, BV)
+
+
+@triton.jit
 def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
             gc_ptr, w_ptr, u_ptr, t_ptr, dvl_ptr,
             cu_ptr, idx_ptr, scale, T, NT, H, K, V,
@@ -171,8 +284,8 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
             STORE_U: tl.constexpr, STORE_T: tl.constexpr, DO_DVL: tl.constexpr):
     """gc (cumulative in-chunk gate), W, U, T and (backward) dVl = scale (Q K^T * D)^T dO.
 
-    T = (I + Akk)^-1 is built from 16 x 16 blocks: the diagonal blocks by the nilpotent product
-    formula, the others by block forward substitution, all in fp32."""
+    T = (I + Akk)^-1 comes from _solve16; all of K stays in registers, so this is the
+    variant for 4 warps (wy_solve + wy_apply split the same work)."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
@@ -180,7 +293,6 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
     HV = H * V
     kh = k_ptr + ih * K
     vh = v_ptr + ih * V
-    bh = beta_ptr + ih
     k0 = _tile(kh, t0, eos, HK, 0, K, 16, BK)
     k1 = _tile(kh, t0 + 16, eos, HK, 0, K, 16, BK)
     k2 = _tile(kh, t0 + 32, eos, HK, 0, K, 16, BK)
@@ -189,71 +301,13 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
     kt1 = _tile_t(kh, t0 + 16, eos, HK, 0, K, 16, BK)
     kt2 = _tile_t(kh, t0 + 32, eos, HK, 0, K, 16, BK)
     kt3 = _tile_t(kh, t0 + 48, eos, HK, 0, K, 16, BK)
-    b0 = _vec(bh, t0, eos, H, 16)
-    b1 = _vec(bh, t0 + 16, eos, H, 16)
-    b2 = _vec(bh, t0 + 32, eos, H, 16)
-    b3 = _vec(bh, t0 + 48, eos, H, 16)
-    if USE_G:
-        gh = g_ptr + ih
-        r0 = _vec(gh, t0, eos, H, 16)
-        r1 = _vec(gh, t0 + 16, eos, H, 16)
-        r2 = _vec(gh, t0 + 32, eos, H, 16)
-        r3 = _vec(gh, t0 + 48, eos, H, 16)
-        s0 = tl.sum(r0, 0)
-        s1 = s0 + tl.sum(r1, 0)
-        s2 = s1 + tl.sum(r2, 0)
-        g0 = tl.cumsum(r0, 0)
-        g1 = tl.cumsum(r1, 0) + s0
-        g2 = tl.cumsum(r2, 0) + s1
-        g3 = tl.cumsum(r3, 0) + s2
-        gch = gc_ptr + ih
-        _store_vec(gch, g0, t0, eos, H, 16)
-        _store_vec(gch, g1, t0 + 16, eos, H, 16)
-        _store_vec(gch, g2, t0 + 32, eos, H, 16)
-        _store_vec(gch, g3, t0 + 48, eos, H, 16)
-    else:
-        g0 = b0
-        g1 = b1
-        g2 = b2
-        g3 = b3
-    # diagonal blocks of T
-    T00 = _inv_unit_lower16(_kkt_block(k0, kt0, b0, g0, g0, True, USE_G))
-    T11 = _inv_unit_lower16(_kkt_block(k1, kt1, b1, g1, g1, True, USE_G))
-    T22 = _inv_unit_lower16(_kkt_block(k2, kt2, b2, g2, g2, True, USE_G))
-    T33 = _inv_unit_lower16(_kkt_block(k3, kt3, b3, g3, g3, True, USE_G))
-    A10 = _kkt_block(k1, kt0, b1, g1, g0, False, USE_G)
-    A20 = _kkt_block(k2, kt0, b2, g2, g0, False, USE_G)
-    A21 = _kkt_block(k2, kt1, b2, g2, g1, False, USE_G)
-    A30 = _kkt_block(k3, kt0, b3, g3, g0, False, USE_G)
-    A31 = _kkt_block(k3, kt1, b3, g3, g1, False, USE_G)
-    A32 = _kkt_block(k3, kt2, b3, g3, g2, False, USE_G)
-    # block forward substitution: T_ab = -T_aa sum_{b<=m<a} A_am T_mb
-    T10 = -_mm(T11, _mm(A10, T00))
-    T21 = -_mm(T22, _mm(A21, T11))
-    T20 = -_mm(T22, _mm(A20, T00) + _mm(A21, T10))
-    T32 = -_mm(T33, _mm(A32, T22))
-    T31 = -_mm(T33, _mm(A31, T11) + _mm(A32, T21))
-    T30 = -_mm(T33, _mm(A30, T00) + _mm(A31, T10) + _mm(A32, T20))
+    b0, b1, b2, b3, g0, g1, g2, g3 = _gates16(beta_ptr, g_ptr, gc_ptr, ih, t0, eos, H, USE_G)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _solve16(
+        tl.dot(k0, kt0), tl.dot(k1, kt1), tl.dot(k2, kt2), tl.dot(k3, kt3),
+        tl.dot(k1, kt0), tl.dot(k2, kt0), tl.dot(k2, kt1), tl.dot(k3, kt0), tl.dot(k3, kt1), tl.dot(k3, kt2),
+        b0, b1, b2, b3, g0, g1, g2, g3, USE_G)
     if STORE_T:
-        th = t_ptr + ih * 64
-        HC = H * 64
-        z = tl.zeros([16, 16], dtype=tl.float32)
-        _store_tile(th, T00, t0, eos, HC, 0, 64, 16, 16)
-        _store_tile(th, z, t0, eos, HC, 16, 64, 16, 16)
-        _store_tile(th, z, t0, eos, HC, 32, 64, 16, 16)
-        _store_tile(th, z, t0, eos, HC, 48, 64, 16, 16)
-        _store_tile(th, T10, t0 + 16, eos, HC, 0, 64, 16, 16)
-        _store_tile(th, T11, t0 + 16, eos, HC, 16, 64, 16, 16)
-        _store_tile(th, z, t0 + 16, eos, HC, 32, 64, 16, 16)
-        _store_tile(th, z, t0 + 16, eos, HC, 48, 64, 16, 16)
-        _store_tile(th, T20, t0 + 32, eos, HC, 0, 64, 16, 16)
-        _store_tile(th, T21, t0 + 32, eos, HC, 16, 64, 16, 16)
-        _store_tile(th, T22, t0 + 32, eos, HC, 32, 64, 16, 16)
-        _store_tile(th, z, t0 + 32, eos, HC, 48, 64, 16, 16)
-        _store_tile(th, T30, t0 + 48, eos, HC, 0, 64, 16, 16)
-        _store_tile(th, T31, t0 + 48, eos, HC, 16, 64, 16, 16)
-        _store_tile(th, T32, t0 + 48, eos, HC, 32, 64, 16, 16)
-        _store_tile(th, T33, t0 + 48, eos, HC, 48, 64, 16, 16)
+        _store_t16(t_ptr, ih, t0, eos, H, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33)
     # W = T diag(beta exp(g)) K
     dt = k0.dtype
     if USE_G:
@@ -287,41 +341,15 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
         # dVl = scale (K Q^T * exp(g_i - g_j))_{i >= j} dO : the part of dVn that the chain does not carry
         kf = _tile(kh, t0, eos, HK, 0, K, 64, BK)
         qt = _tile_t(q_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
-        o_i = tl.arange(0, 64)
-        upper = o_i[:, None] <= o_i[None, :]  # rows j (keys), columns i (queries)
-        a = tl.dot(kf, qt) * scale
-        if USE_G:
-            gf = _vec(g_ptr + ih, t0, eos, H, 64)
-            gf = tl.cumsum(gf, 0)
-            a = a * _ratio(gf[None, :] - gf[:, None], upper)
-        a = tl.where(upper, a, 0.0).to(dt)
-        for c0 in range(0, V, BV):
-            dof = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-            _store_tile(dvl_ptr + ih * V, tl.dot(a, dof), t0, eos, HV, c0, V, 64, BV)
-
-
-@triton.jit
-def _akk(a, ba, ga, gb, DIAG: tl.constexpr, USE_G: tl.constexpr):
-    """Scale a 16 x 16 block of K K^T into Akk = beta_i k_i.k_j exp(g_i - g_j) (strictly lower)."""
-    a = a * ba[:, None]
-    if DIAG:
-        i = tl.arange(0, 16)
-        lower = i[:, None] > i[None, :]
-        if USE_G:
-            a = a * _ratio(ga[:, None] - gb[None, :], lower)
-        a = tl.where(lower, a, 0.0)
-    elif USE_G:
-        a = a * tl.exp(ga[:, None] - gb[None, :])
-    return a
+        gf = tl.cumsum(_vec(g_ptr + ih, t0, eos, H, 64), 0) if USE_G else _vec(beta_ptr + ih, t0, eos, H, 64)
+        _local_dv(tl.dot(kf, qt), gf, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G)
 
 
 @triton.jit
 def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K,
              BK: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr):
-    """The cumulative in-chunk gate and T = (I + Akk)^-1 of one (chunk, head), in 16 x 16 blocks:
-    K K^T accumulated over K slices of BK, the diagonal blocks inverted by the nilpotent product
-    formula, the others by block forward substitution, all in fp32. Small blocks: run it with
-    few warps."""
+    """The cumulative in-chunk gate and T = (I + Akk)^-1 of one (chunk, head): the 16 x 16 blocks
+    of K K^T accumulated over K slices of BK, then _solve16. Small blocks: run it with few warps."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
@@ -355,69 +383,10 @@ def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K
         a30 += tl.dot(k3, kt0)
         a31 += tl.dot(k3, kt1)
         a32 += tl.dot(k3, kt2)
-    bh = beta_ptr + ih
-    b0 = _vec(bh, t0, eos, H, 16)
-    b1 = _vec(bh, t0 + 16, eos, H, 16)
-    b2 = _vec(bh, t0 + 32, eos, H, 16)
-    b3 = _vec(bh, t0 + 48, eos, H, 16)
-    if USE_G:
-        gh = g_ptr + ih
-        r0 = _vec(gh, t0, eos, H, 16)
-        r1 = _vec(gh, t0 + 16, eos, H, 16)
-        r2 = _vec(gh, t0 + 32, eos, H, 16)
-        r3 = _vec(gh, t0 + 48, eos, H, 16)
-        s0 = tl.sum(r0, 0)
-        s1 = s0 + tl.sum(r1, 0)
-        s2 = s1 + tl.sum(r2, 0)
-        g0 = tl.cumsum(r0, 0)
-        g1 = tl.cumsum(r1, 0) + s0
-        g2 = tl.cumsum(r2, 0) + s1
-        g3 = tl.cumsum(r3, 0) + s2
-        gch = gc_ptr + ih
-        _store_vec(gch, g0, t0, eos, H, 16)
-        _store_vec(gch, g1, t0 + 16, eos, H, 16)
-        _store_vec(gch, g2, t0 + 32, eos, H, 16)
-        _store_vec(gch, g3, t0 + 48, eos, H, 16)
-    else:
-        g0 = b0
-        g1 = b1
-        g2 = b2
-        g3 = b3
-    T00 = _inv_unit_lower16(_akk(a00, b0, g0, g0, True, USE_G))
-    T11 = _inv_unit_lower16(_akk(a11, b1, g1, g1, True, USE_G))
-    T22 = _inv_unit_lower16(_akk(a22, b2, g2, g2, True, USE_G))
-    T33 = _inv_unit_lower16(_akk(a33, b3, g3, g3, True, USE_G))
-    A10 = _akk(a10, b1, g1, g0, False, USE_G)
-    A20 = _akk(a20, b2, g2, g0, False, USE_G)
-    A21 = _akk(a21, b2, g2, g1, False, USE_G)
-    A30 = _akk(a30, b3, g3, g0, False, USE_G)
-    A31 = _akk(a31, b3, g3, g1, False, USE_G)
-    A32 = _akk(a32, b3, g3, g2, False, USE_G)
-    T10 = -_mm(T11, _mm(A10, T00))
-    T21 = -_mm(T22, _mm(A21, T11))
-    T20 = -_mm(T22, _mm(A20, T00) + _mm(A21, T10))
-    T32 = -_mm(T33, _mm(A32, T22))
-    T31 = -_mm(T33, _mm(A31, T11) + _mm(A32, T21))
-    T30 = -_mm(T33, _mm(A30, T00) + _mm(A31, T10) + _mm(A32, T20))
-    th = t_ptr + ih * 64
-    HC = H * 64
-    z = tl.zeros([16, 16], dtype=tl.float32)
-    _store_tile(th, T00, t0, eos, HC, 0, 64, 16, 16)
-    _store_tile(th, z, t0, eos, HC, 16, 64, 16, 16)
-    _store_tile(th, z, t0, eos, HC, 32, 64, 16, 16)
-    _store_tile(th, z, t0, eos, HC, 48, 64, 16, 16)
-    _store_tile(th, T10, t0 + 16, eos, HC, 0, 64, 16, 16)
-    _store_tile(th, T11, t0 + 16, eos, HC, 16, 64, 16, 16)
-    _store_tile(th, z, t0 + 16, eos, HC, 32, 64, 16, 16)
-    _store_tile(th, z, t0 + 16, eos, HC, 48, 64, 16, 16)
-    _store_tile(th, T20, t0 + 32, eos, HC, 0, 64, 16, 16)
-    _store_tile(th, T21, t0 + 32, eos, HC, 16, 64, 16, 16)
-    _store_tile(th, T22, t0 + 32, eos, HC, 32, 64, 16, 16)
-    _store_tile(th, z, t0 + 32, eos, HC, 48, 64, 16, 16)
-    _store_tile(th, T30, t0 + 48, eos, HC, 0, 64, 16, 16)
-    _store_tile(th, T31, t0 + 48, eos, HC, 16, 64, 16, 16)
-    _store_tile(th, T32, t0 + 48, eos, HC, 32, 64, 16, 16)
-    _store_tile(th, T33, t0 + 48, eos, HC, 48, 64, 16, 16)
+    b0, b1, b2, b3, g0, g1, g2, g3 = _gates16(beta_ptr, g_ptr, gc_ptr, ih, t0, eos, H, USE_G)
+    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _solve16(
+        a00, a11, a22, a33, a10, a20, a21, a30, a31, a32, b0, b1, b2, b3, g0, g1, g2, g3, USE_G)
+    _store_t16(t_ptr, ih, t0, eos, H, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33)
 
 
 @triton.jit
@@ -434,12 +403,7 @@ def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr,
     HV = H * V
     tm = _tile(t_ptr + ih * 64, t0, eos, H * 64, 0, 64, 64, 64)
     dt = tm.dtype
-    beta = _vec(beta_ptr + ih, t0, eos, H, 64)
-    if USE_G:
-        g = _vec(gc_ptr + ih, t0, eos, H, 64)
-        bg = beta * tl.exp(g)
-    else:
-        bg = beta
+    beta, g, bg = _beta_gate64(beta_ptr, gc_ptr, ih, t0, eos, H, USE_G)
     for c0 in range(0, K, BK):
         x = (_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK) * bg[:, None]).to(dt)
         _store_tile(w_ptr + ih * K, tl.dot(tm, x), t0, eos, HK, c0, K, 64, BK)
@@ -452,15 +416,7 @@ def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr,
         for c0 in range(0, K, BK):
             a += tl.dot(_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK),
                         _tile_t(q_ptr + ih * K, t0, eos, HK, c0, K, 64, BK))
-        o_i = tl.arange(0, 64)
-        upper = o_i[:, None] <= o_i[None, :]  # rows j (keys), columns i (queries)
-        a = a * scale
-        if USE_G:
-            a = a * _ratio(g[None, :] - g[:, None], upper)
-        a = tl.where(upper, a, 0.0).to(dt)
-        for c0 in range(0, V, BV):
-            dof = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-            _store_tile(dvl_ptr + ih * V, tl.dot(a, dof), t0, eos, HV, c0, V, 64, BV)
+        _local_dv(a, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,10 +478,6 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
             g = _vec(gc_ptr + ih, t0, eos, H, 64)
             kt = (kt * tl.exp(gl - g)[None, :]).to(w.dtype)
             st = st * tl.exp(gl)
-        elif BK > 128:
-            # delta_rule with K = 256 hit an illegal address on Hopper (triton 3.6) when this
-            # tile went to the product straight from its load; route it through registers
-            kt = kt.to(tl.float32).to(w.dtype)
         st += tl.dot(kt, vn.to(w.dtype))
     if WRITE_FINAL:
         if TRANSITION:
@@ -566,13 +518,12 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_pt
             qt = (qt * (tl.exp(g) * scale)[None, :]).to(wt.dtype)
         else:
             qt = (qt * scale).to(wt.dtype)
-        qd = tl.dot(qt, do)  # independent of the chain: issued first so it can overlap
         dvn = dvl.to(tl.float32) + tl.dot(kk, ds.to(wt.dtype))
         if STORE:
             _store_tile(dvn_ptr + ih * V, dvn, t0, eos, HV, c0, V, 64, BV)
         if USE_G:
             ds = ds * tl.exp(gl)
-        ds += qd - tl.dot(wt, dvn.to(wt.dtype))
+        ds += tl.dot(qt, do) - tl.dot(wt, dvn.to(wt.dtype))
     if WRITE_FINAL:
         _store_state(out_ptr + sb * K * V, ds, K, V, c0, BK, BV)
 
@@ -806,12 +757,7 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
     tm = _tile(t_ptr + ih * 64, t0, eos, HC, 0, 64, 64, 64)
     tmt = _tile_t(t_ptr + ih * 64, t0, eos, HC, 0, 64, 64, 64)
     dt = tm.dtype
-    beta = _vec(beta_ptr + ih, t0, eos, H, 64)
-    if USE_G:
-        g = _vec(gc_ptr + ih, t0, eos, H, 64)
-        bg = beta * tl.exp(g)
-    else:
-        bg = beta
+    beta, g, bg = _beta_gate64(beta_ptr, gc_ptr, ih, t0, eos, H, USE_G)
     r = tl.zeros([64, 64], dtype=tl.float32)
     rt = tl.zeros([64, 64], dtype=tl.float32)
     dbeta = tl.zeros([64], dtype=tl.float32)
