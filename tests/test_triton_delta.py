@@ -136,6 +136,21 @@ def test_split_preparation(variant, monkeypatch):
     _check(got, want, TOL[torch.float32], f"{variant} split preparation")
 
 
+def test_late_states():
+    """h0_late / dht_late, resolved after the WY preparation, add to h0 / dht."""
+    x = random_inputs("gated_delta_rule", B=1, T=70, H=1, K=16, V=16, seed=19)
+    call = _call(x, torch.float32)
+    h0, extra = x.initial_state.float(), torch.randn(1, 1, 16, 16)
+    do, dht = torch.randn(1, 70, 1, 16), torch.randn(1, 1, 16, 16)
+    o, ht = delta.forward(call, h0 + extra)
+    o_late, ht_late = delta.forward(call, h0, h0_late=lambda: extra)
+    assert torch.allclose(o, o_late) and torch.allclose(ht, ht_late)
+    gr = delta.backward(call, h0, do, dht)
+    gr_late = delta.backward(call, h0, do, None, dht_late=lambda: dht)
+    for name in ("dq", "dk", "dv", "dg", "dbeta", "dh0"):
+        assert torch.allclose(getattr(gr, name), getattr(gr_late, name)), name
+
+
 def _transition(x, cu):
     """prod_t exp(g_t) (I - beta_t k_t k_t^T), last token leftmost, per document and head (float64)."""
     H, K = x.k.shape[2], x.k.shape[3]

@@ -2,17 +2,21 @@
 (beta and a scalar log gate per token and head), driven through the explicit interface
 (seqpar_kernels.explicit):
 
-    forward(call, h0)             -> (o, ht)
-    backward(call, h0, do, dht)   -> Grads(dq, dk, dv, dg, dbeta, dh0)
-    final_state(call, h0)         -> ht      the WY preparation and the state chain, nothing else
-    state_grad(call, do, dht)     -> dh0     the WY preparation and the reverse chain, nothing else
+    forward(call, h0, h0_late=None)            -> (o, ht)
+    backward(call, h0, do, dht, dht_late=None) -> Grads(dq, dk, dv, dg, dbeta, dh0)
+    final_state(call, h0)                      -> ht   the WY preparation and the state chain alone
+    state_grad(call, do, dht)                  -> dh0  the WY preparation and the reverse chain alone
+
+h0_late / dht_late (see explicit.py) are resolved after the WY preparation, which does not depend
+on them, so an exchange of states between ranks overlaps it.
 
 The algorithm (delta_kernels.py) is the chunked WY form of chunk_torch._chunk_delta with chunks of
 64 tokens. The only sequential work is the state chain over chunks; the backward runs the
 recomputed forward chain and the reverse (gradient) chain in one launch, since neither needs the
 other. States and chains are fp32; W, U, T, the per-chunk states and the intermediate gradients are
 stored in the input dtype, as fla does. Documents packed with cu_seqlens are split into their own
-chunks (no chunk straddles a boundary); B > 1 is handled as B documents of length T.
+chunks (no chunk straddles a boundary; the chunk table needs the boundaries on the host, one small
+device-to-host copy per call, as in fla); B > 1 is handled as B documents of length T.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..explicit import Call, Grads
+from ..explicit import Call, Grads, plus_late
+from ..variants import InputError
 from . import delta_kernels as kern
 
 CHUNK = 64
@@ -157,19 +162,19 @@ def _segment_plan(bounds, seg_chunks: int, device):
 def _layout(call: Call) -> _Layout:
     q, k, v = call.q, call.k, call.v
     if call.beta is None:
-        raise ValueError("the Triton delta-rule kernels need beta (delta_rule / gated_delta_rule)")
+        raise InputError("the Triton delta-rule kernels need beta (delta_rule / gated_delta_rule)")
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the Triton delta-rule kernels take float16, bfloat16 or float32 inputs, got {q.dtype}; "
+        raise InputError(f"the Triton delta-rule kernels take float16, bfloat16 or float32 inputs, got {q.dtype}; "
                          "use backend='torch' for float64")
     if call.g is not None and call.g.dim() != 3:
-        raise ValueError(f"the delta-rule kernels take a scalar gate per token and head, g [B, T, H]; "
+        raise InputError(f"the delta-rule kernels take a scalar gate per token and head, g [B, T, H]; "
                          f"got shape {tuple(call.g.shape)}")
     B, T, H, K = q.shape
     V = v.shape[-1]
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
+        raise InputError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     if call.g is None and max(K, V) > 128 and q.is_cuda:
-        raise ValueError(f"delta_rule with head dims above 128 (K={K}, V={V}) hit an illegal memory access in "
+        raise InputError(f"delta_rule with head dims above 128 (K={K}, V={V}) hit an illegal memory access in "
                          "the Triton kernels on an H100 with triton 3.6 (gated_delta_rule at 256 passed); "
                          "use backend='torch' or head dims <= 128")
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
@@ -303,10 +308,10 @@ def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
     return x.view(L.B, L.T, *x.shape[1:])
 
 
-def forward(call: Call, h0):
+def forward(call: Call, h0, h0_late=None):
     L = _layout(call)
     wy = _prep(L, store_u=True, store_t=False)
-    st = _chains(L, wy, forward=True, reverse=False, store=True, h0=h0)
+    st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])
     kern.output[(L.n_chunks, L.H, triton.cdiv(L.V, bv))](
@@ -329,11 +334,11 @@ def state_grad(call: Call, do, dht):
     return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
 
 
-def backward(call: Call, h0, do, dht) -> Grads:
+def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     L = _layout(call)
     do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
     wy = _prep(L, store_u=True, store_t=True, do=do)
-    st = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=dht)
+    st = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=plus_late(dht, dht_late))
     h, vn, dh, dvn = st.h, st.vn, st.dh, st.dvn
     use_g = L.g is not None
     gc = wy.gc if use_g else wy.w
