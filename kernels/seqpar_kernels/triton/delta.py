@@ -1,0 +1,367 @@
+"""Triton chunkwise kernels of the delta-rule family: delta_rule (beta) and gated_delta_rule
+(beta and a scalar log gate per token and head), driven through the explicit interface
+(seqpar_kernels.explicit):
+
+    forward(call, h0, h0_late=None)            -> (o, ht)
+    backward(call, h0, do, dht, dht_late=None) -> Grads(dq, dk, dv, dg, dbeta, dh0)
+    final_state(call, h0)                      -> ht   the WY preparation and the state chain alone
+    state_grad(call, do, dht)                  -> dh0  the WY preparation and the reverse chain alone
+
+h0_late / dht_late (see explicit.py) are resolved after the WY preparation, which does not depend
+on them, so an exchange of states between ranks overlaps it.
+
+The algorithm (delta_kernels.py) is the chunked WY form of chunk_torch._chunk_delta with chunks of
+64 tokens. The only sequential work is the state chain over chunks; the backward runs the
+recomputed forward chain and the reverse (gradient) chain in one launch, since neither needs the
+other. States and chains are fp32; W, U, T, the per-chunk states and the intermediate gradients are
+stored in the input dtype, as fla does. Documents packed with cu_seqlens are split into their own
+chunks (no chunk straddles a boundary; the chunk table needs the boundaries on the host, one small
+device-to-host copy per call, as in fla); B > 1 is handled as B documents of length T.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..explicit import Call, Grads, plus_late
+from ..variants import InputError
+from . import delta_kernels as kern
+
+CHUNK = 64
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# Launch settings. The defaults are the combination checked against float64 and timed on an H100
+# with triton 3.6 (docs/performance.md, "Delta-rule kernels"); delta_tune.py checks and times
+# alternatives. The chains are latency-bound (one program per V block, document and head walks
+# every chunk), so they use narrow V blocks for more programs in flight. Long documents can be cut
+# into segments: each segment's zero-start state and dense transition come from one parallel pass,
+# a short fp32 scan over segments gives every segment its start state, and (forward / backward
+# only) a second parallel pass recomputes the per-chunk states. That triples the chain work, so it
+# pays only where no per-chunk states are needed: final_state / state_grad (state_*). The parallel
+# kernels use 8 warps for their 64 x 128 fp32 accumulators; bwd_wy must stay at 8: fla saw wrong
+# dk/dbeta from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
+# prep "split" (wy_solve with few warps + wy_apply) is exact under the interpreter but has not yet
+# been checked on a GPU; "fused" (wy_prep) has.
+CONFIG = {
+    "seg_chunks": 0,  # forward / backward: segments of this many chunks (0: whole documents)
+    "chain_bv": 32,
+    "chain_warps": 4,
+    "chain_stages": 3,
+    "state_seg_chunks": 64,  # final_state / state_grad
+    "state_bv": 64,
+    "state_stages": 2,
+    "scan_bv": 32,
+    "prep": "fused",
+    "prep_warps": 4,
+    "solve_warps": 2,
+    "solve_bk": 64,
+    "apply_warps": 4,
+    "apply_bk": 128,
+    "out_bv": 128,
+    "out_warps": 8,
+    "dqk_bk": 128,
+    "dqk_bv": 64,
+    "dqk_warps": 8,
+    "dqk_stages": 2,
+    "wy_bk": 128,
+    "wy_bv": 128,
+    "wy_warps": 8,
+    "wy_stages": 2,
+}
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+@dataclass
+class _Layout:
+    """Flattened [B*T, H, D] views of a call and the chunk bookkeeping of its documents."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    beta: torch.Tensor
+    g: torch.Tensor | None
+    scale: float
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    N: int  # documents (B without cu_seqlens)
+    NT: int  # chunks per sequence (without cu_seqlens)
+    n_chunks: int
+    cu: torch.Tensor  # int32 [N + 1] token boundaries of the documents
+    idx: torch.Tensor  # int32 [n_chunks, 2]: (document, chunk in document) (varlen)
+    varlen: bool
+    bounds: tuple  # the same boundaries on the host
+
+    @property
+    def rows(self) -> int:
+        return self.B * self.T
+
+    @property
+    def BK(self) -> int:
+        return _pow2(self.K)
+
+    def new(self, *shape, dtype=None):
+        return torch.empty(*shape, device=self.q.device, dtype=dtype or self.q.dtype)
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _cached(key, build):
+    if key not in _PLANS:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = build()
+    return _PLANS[key]
+
+
+def _doc_bounds(call: Call) -> tuple[int, ...]:
+    """Token boundaries of the independent sequences of the flattened [B*T] rows (a host copy of
+    cu_seqlens for packed documents; computed from the shape otherwise)."""
+    if call.cu_seqlens is not None:
+        return tuple(call.cu_seqlens.tolist())
+    B, T = call.q.shape[:2]
+    return tuple(b * T for b in range(B + 1))
+
+
+def _chunk_plan(bounds, device):
+    """(document, chunk in document) of every chunk, as an int32 [n_chunks, 2] tensor."""
+    def build():
+        idx = [(d, i) for d, (s, e) in enumerate(zip(bounds, bounds[1:])) for i in range(-(-(e - s) // CHUNK))]
+        return (torch.tensor(bounds, dtype=torch.int32, device=device),
+                torch.tensor(idx, dtype=torch.int32, device=device).view(-1, 2), len(idx))
+    return _cached(("chunks", bounds, device), build)
+
+
+def _segment_plan(bounds, seg_chunks: int, device):
+    """Segments of at most seg_chunks chunks (0: whole documents): an int32 [n_seg, 4] table of
+    (document, first token, number of chunks, global index of the first chunk), the int32 [N + 1]
+    first segment of each document, and whether any document was cut."""
+    def build():
+        rows, segoff, goff, cut = [], [0], 0, False
+        for d, (s, e) in enumerate(zip(bounds, bounds[1:])):
+            nt = -(-(e - s) // CHUNK)
+            step = seg_chunks if seg_chunks > 0 else nt
+            for c in range(0, nt, step):
+                rows.append((d, s + c * CHUNK, min(step, nt - c), goff + c))
+            cut = cut or nt > step
+            goff += nt
+            segoff.append(len(rows))
+        return (torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4),
+                torch.tensor(segoff, dtype=torch.int32, device=device), len(rows), cut)
+    return _cached(("segments", bounds, seg_chunks, device), build)
+
+
+def _layout(call: Call) -> _Layout:
+    q, k, v = call.q, call.k, call.v
+    if call.beta is None:
+        raise InputError("the Triton delta-rule kernels need beta (delta_rule / gated_delta_rule)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"the Triton delta-rule kernels take float16, bfloat16 or float32 inputs, got {q.dtype}; "
+                         "use backend='torch' for float64")
+    if call.g is not None and call.g.dim() != 3:
+        raise InputError(f"the delta-rule kernels take a scalar gate per token and head, g [B, T, H]; "
+                         f"got shape {tuple(call.g.shape)}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+        raise InputError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
+    if call.g is None and max(K, V) > 128 and q.is_cuda:
+        raise InputError(f"delta_rule with head dims above 128 (K={K}, V={V}) hit an illegal memory access in "
+                         "the Triton kernels on an H100 with triton 3.6 (gated_delta_rule at 256 passed); "
+                         "use backend='torch' or head dims <= 128")
+    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+    bounds = _doc_bounds(call)
+    cu, idx, n_chunks = _chunk_plan(bounds, q.device)
+    varlen = call.cu_seqlens is not None
+    NT = 0 if varlen else -(-T // CHUNK)
+    return _Layout(flat(q), flat(k), flat(v), flat(call.beta), flat(call.g) if call.g is not None else None,
+                   call.scale, B, T, H, K, V, len(bounds) - 1, NT, n_chunks, cu, idx, varlen, bounds)
+
+
+@dataclass
+class _WY:
+    gc: torch.Tensor | None  # cumulative in-chunk gate, fp32 [rows, H]
+    w: torch.Tensor  # [rows, H, K]
+    u: torch.Tensor | None  # [rows, H, V]
+    t: torch.Tensor | None  # (I + Akk)^-1, [rows, H, 64]
+    dvl: torch.Tensor | None  # local part of dVn, [rows, H, V]
+
+
+def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None = None) -> _WY:
+    gc = L.new(L.rows, L.H, dtype=torch.float32) if L.g is not None else None
+    w = L.new(L.rows, L.H, L.K)
+    u = L.new(L.rows, L.H, L.V) if store_u else None
+    split = CONFIG["prep"] == "split"
+    t = L.new(L.rows, L.H, CHUNK) if store_t or split else None
+    dvl = L.new(L.rows, L.H, L.V) if do is not None else None
+    any_ = w
+    pick = lambda x: x if x is not None else any_  # noqa: E731
+    use_g = L.g is not None
+    bv = min(_pow2(L.V), 128)
+    if split:
+        kern.wy_solve[(L.n_chunks, L.H)](
+            L.k, L.beta, pick(L.g), pick(gc), t, L.cu, L.idx, L.T, L.NT, L.H, L.K,
+            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["solve_warps"])
+        kern.wy_apply[(L.n_chunks, L.H)](
+            L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
+            L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
+            BK=min(L.BK, CONFIG["apply_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
+            STORE_U=store_u, DO_DVL=do is not None, num_warps=CONFIG["apply_warps"])
+    else:
+        kern.wy_prep[(L.n_chunks, L.H)](
+            L.k, L.v, L.beta, pick(L.g), L.q, pick(do), pick(gc), w, pick(u), pick(t), pick(dvl),
+            L.cu, L.idx, L.scale, L.T, L.NT, L.H, L.K, L.V,
+            BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
+            STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, num_warps=CONFIG["prep_warps"])
+    return _WY(gc, w, u, t, dvl)
+
+
+@dataclass
+class _States:
+    h: torch.Tensor | None = None  # state at every chunk start [n_chunks, H, K, V]
+    vn: torch.Tensor | None = None  # U - W S  [rows, H, V]
+    ht: torch.Tensor | None = None  # final state, fp32 [N, H, K, V]
+    dh: torch.Tensor | None = None  # gradient of every chunk's end state [n_chunks, H, K, V]
+    dvn: torch.Tensor | None = None  # gradient of Vn [rows, H, V]
+    dh0: torch.Tensor | None = None  # gradient of the initial state, fp32 [N, H, K, V]
+
+
+def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_v=True, with_m=False,
+          finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None,
+          bv=32, stages=2):
+    """One launch of state_pass over the segments in `seg`; r receives the per-chunk tensors (STORE)."""
+    bv = min(_pow2(L.V), bv)
+    nvb = triton.cdiv(L.V, bv)
+    cols = max(nvb * int(forward and fwd_v) + triton.cdiv(L.K, bv) * int(forward and with_m), nvb * int(reverse))
+    any_ = wy.w
+    pick = lambda x: x if x is not None else any_  # noqa: E731
+    store = r is not None
+    kern.state_pass[(cols, n_seg * L.H, int(forward) + int(reverse))](
+        L.q, L.k, pick(wy.gc), wy.w, pick(wy.u), pick(do), pick(wy.dvl),
+        pick(finit), pick(r.h if store else None), pick(r.vn if store else None), pick(fout), pick(m),
+        pick(rinit), pick(r.dh if store else None), pick(r.dvn if store else None), pick(rout),
+        L.scale, seg, L.cu, L.T, L.H, L.K, L.V, nvb,
+        BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
+        FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
+        STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
+        num_warps=CONFIG["chain_warps"], num_stages=stages if L.K <= 128 else 1)
+
+
+def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
+            h0=None, do=None, dht=None) -> _States:
+    """The forward state chain, the reverse gradient chain or both (side by side), with the
+    per-chunk states and Vn / dVn when `store`."""
+    f32 = torch.float32
+    r = _States()
+    if store:
+        if forward:
+            r.h, r.vn = L.new(L.n_chunks, L.H, L.K, L.V), L.new(L.rows, L.H, L.V)
+        if reverse:
+            r.dh, r.dvn = L.new(L.n_chunks, L.H, L.K, L.V), L.new(L.rows, L.H, L.V)
+    if forward:
+        r.ht = L.new(L.N, L.H, L.K, L.V, dtype=f32)
+    if reverse:
+        r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32)
+    h0 = h0.to(f32).contiguous() if h0 is not None else None
+    dht = dht.to(f32).contiguous() if dht is not None else None
+    if store:
+        seg_chunks, bv, stages = CONFIG["seg_chunks"], CONFIG["chain_bv"], CONFIG["chain_stages"]
+    else:
+        seg_chunks, bv, stages = CONFIG["state_seg_chunks"], CONFIG["state_bv"], CONFIG["state_stages"]
+    seg, segoff, n_seg, cut = _segment_plan(L.bounds, seg_chunks, L.q.device)
+    if not cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
+        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=h0, rinit=dht,
+              fout=r.ht, rout=r.dh0, r=r if store else None, do=do, bv=bv, stages=stages)
+        return r
+    # 1. every segment from zero: its final state / gradient, and its dense transition
+    fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
+    rsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
+    m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
+    _pass(L, wy, seg, n_seg, forward=True, reverse=reverse, fwd_v=forward, with_m=True,
+          fout=fsum, m=m, rout=rsum, do=do, bv=bv, stages=stages)
+    # 2. the scan over segments: every segment's start state / end-state gradient
+    start = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
+    grad = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
+    bv = min(_pow2(L.V), CONFIG["scan_bv"])
+    any_ = m
+    pick = lambda x: x if x is not None else any_  # noqa: E731
+    kern.segment_scan[(triton.cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
+        m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
+        segoff, L.H, L.K, L.V, BK=L.BK, BV=bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
+        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
+    # 3. the per-chunk states, every segment from its true start
+    if store:
+        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do,
+              bv=bv, stages=stages)
+    return r
+
+
+def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
+    return x.view(L.B, L.T, *x.shape[1:])
+
+
+def forward(call: Call, h0, h0_late=None):
+    L = _layout(call)
+    wy = _prep(L, store_u=True, store_t=False)
+    st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
+    o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
+    bv = min(_pow2(L.V), CONFIG["out_bv"])
+    kern.output[(L.n_chunks, L.H, triton.cdiv(L.V, bv))](
+        L.q, L.k, wy.gc if wy.gc is not None else wy.w, st.h, st.vn, o, L.scale,
+        L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
+        BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, num_warps=CONFIG["out_warps"])
+    return _unflat(L, o), st.ht
+
+
+def final_state(call: Call, h0):
+    L = _layout(call)
+    wy = _prep(L, store_u=True, store_t=False)
+    return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
+
+
+def state_grad(call: Call, do, dht):
+    L = _layout(call)
+    do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
+    wy = _prep(L, store_u=False, store_t=False, do=do)
+    return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
+
+
+def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
+    L = _layout(call)
+    do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
+    wy = _prep(L, store_u=True, store_t=True, do=do)
+    st = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=plus_late(dht, dht_late))
+    h, vn, dh, dvn = st.h, st.vn, st.dh, st.dvn
+    use_g = L.g is not None
+    gc = wy.gc if use_g else wy.w
+    f32 = torch.float32
+    bk = min(L.BK, CONFIG["dqk_bk"])
+    nk = triton.cdiv(L.K, bk)
+    dq = L.new(L.rows, L.H, L.K)
+    dk_part = L.new(L.rows, L.H, L.K, dtype=f32)
+    dw = L.new(L.rows, L.H, L.K)
+    dg_part = L.new(nk, L.rows, L.H, dtype=f32) if use_g else dw
+    kern.bwd_dqk[(L.n_chunks, L.H, nk)](
+        L.q, L.k, gc, h, vn, do, dh, dvn, dq, dk_part, dw, dg_part, L.scale,
+        L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
+        BK=bk, BV=min(_pow2(L.V), CONFIG["dqk_bv"]), IS_VARLEN=L.varlen, USE_G=use_g,
+        num_warps=CONFIG["dqk_warps"], num_stages=CONFIG["dqk_stages"])
+    dk = L.new(L.rows, L.H, L.K)
+    dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
+    dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
+    dg = L.new(L.rows, L.H, dtype=call.g.dtype) if use_g else None
+    kern.bwd_wy[(L.n_chunks, L.H)](
+        L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, dk, dv, dbeta, dg if use_g else dw,
+        L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
+        BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
+        IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"], num_stages=CONFIG["wy_stages"])
+    return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
+                 _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)
