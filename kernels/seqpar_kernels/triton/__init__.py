@@ -1,11 +1,12 @@
 """The Triton chunkwise kernels: `gated` (linear_attn, lightning, simple_gla, gla) and `delta`
 (delta_rule, gated_delta_rule). Each family module provides the same four functions
 
-    forward(call, h0) -> (o, ht)            backward(call, h0, do, dht) -> Grads
-    final_state(call, h0) -> ht             state_grad(call, do, dht) -> dh0
+    forward(call, h0, h0_late=None) -> (o, ht)      backward(call, h0, do, dht, dht_late=None) -> Grads
+    final_state(call, h0) -> ht                     state_grad(call, do, dht) -> dh0
 
-and the gated module also takes explicit.py's late initial state / final-state gradient
-(forward(call, h0, h0_late), backward(call, h0, do, dht, dht_late)), called after its state pass.
+with explicit.py's late initial state / final-state gradient resolved only after the work that does
+not depend on it (the gated state pass; the delta rule's WY preparation), so that the SP exchange
+overlaps that work.
 
 TritonKernel picks the family by the call (beta present: delta rule); chunk_triton wraps it in
 autograd and is what backend "triton" runs. On the CPU they run only under TRITON_INTERPRET=1,
@@ -13,37 +14,22 @@ which must be set before this package is first imported.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from ..explicit import Call, ExplicitKernel, Grads, plus_late
-from . import gated
+from ..explicit import Call, ExplicitKernel, Grads
+from . import delta, gated
 
 
 def family(call: Call):
-    """The module that runs this call's family (the delta module is imported on first use)."""
-    if call.beta is None:
-        return gated
-    try:
-        return importlib.import_module(".delta", __name__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.delta":
-            raise
-        raise RuntimeError("the Triton delta-rule kernels are not part of this build of seqpar_kernels; "
-                           "use backend='torch' for delta_rule / gated_delta_rule") from None
+    return gated if call.beta is None else delta
 
 
 class TritonKernel(ExplicitKernel):
     def forward(self, call: Call, h0, h0_late=None):
-        if call.beta is None:  # the gated kernels resolve h0_late after their state pass
-            return gated.forward(call, h0, h0_late)
-        return family(call).forward(call, plus_late(h0, h0_late))
+        return family(call).forward(call, h0, h0_late)
 
     def backward(self, call: Call, h0, do, dht, dht_late=None) -> Grads:
-        if call.beta is None:
-            return gated.backward(call, h0, do, dht, dht_late)
-        return family(call).backward(call, h0, do, plus_late(dht, dht_late))
+        return family(call).backward(call, h0, do, dht, dht_late)
 
     def final_state(self, call: Call, h0):
         return family(call).final_state(call, h0)
