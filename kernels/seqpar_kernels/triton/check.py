@@ -227,7 +227,7 @@ def _run_parallel(args) -> int:
     while pending or procs:
         while pending and len(procs) < args.jobs:
             v = pending.pop(0)
-            cmd = [sys.executable, "-m", __name__, "--variants", v, "--reference", args.reference,
+            cmd = [sys.executable, "-m", "seqpar_kernels.triton.check", "--variants", v, "--reference", args.reference,
                    "--json", os.path.join(tmp, f"{v}.json")] + (["--quick"] if args.quick else []) + (
                    ["--smoke"] if args.smoke else [])
             procs[v] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
