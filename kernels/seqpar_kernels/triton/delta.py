@@ -252,7 +252,9 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
-        num_warps=CONFIG["chain_warps"], num_stages=stages if L.K <= 128 else 1)
+        # pipelined stages hold fp32 tiles of twice the bytes: on Hopper fp32 inputs with 3 stages
+        # needed 337 KB of shared memory (limit 227 KB); one stage needs about 100 KB
+        num_warps=CONFIG["chain_warps"], num_stages=stages if L.K <= 128 and L.q.element_size() <= 2 else 1)
 
 
 def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
