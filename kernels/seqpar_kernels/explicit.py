@@ -4,12 +4,16 @@ The sequence-parallel layer needs the pieces of a kernel call separately (a forw
 state arrives later, a backward whose final-state gradient arrives later), so it drives a kernel
 through this interface rather than through autograd. Every backend provides one:
 
-    forward(call, h0)            -> (o, ht)        ht: fp32 final state per sequence/document
-    final_state(call, h0)        -> ht             the state pass alone
-    backward(call, h0, do, dht)  -> Grads          gradients of every input and of h0
-    state_grad(call, do, dht)    -> dh0            gradient of the initial state alone
-    transition(call)             -> [N, H, K, K]   dense transition of each sequence (delta rules)
+    forward(call, h0, h0_late=None)            -> (o, ht)   ht: fp32 final state per sequence
+    backward(call, h0, do, dht, dht_late=None) -> Grads     gradients of every input and of h0
+    final_state(call, h0)                      -> ht        the state pass alone
+    state_grad(call, do, dht)                  -> dh0       the initial-state gradient alone
+    transition(call)                           -> [N, H, K, K]  dense transition (delta rules)
 
+`h0_late` / `dht_late` are functions returning a further initial state / final-state gradient
+(added to h0 / dht) that is still being exchanged between ranks when the call starts: a kernel
+that can do the work independent of it first (e.g. the state recurrence from zero) calls it only
+then, so the exchange overlaps that work. The default resolves it at once.
 Arguments are already checked and normalised (variants.normalize_inputs); h0 / dht may be None.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .chunk_torch import chunk_reference
+from .summaries import gated_final_state, gated_state_grad
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,11 @@ class ExplicitKernel(ABC):
     """A backend's forward and backward; state_grad and transition default to calls of those."""
 
     @abstractmethod
-    def forward(self, call: Call, h0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, call: Call, h0, h0_late=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(o, ht) with o in v's dtype and ht the fp32 final state of every sequence."""
 
     @abstractmethod
-    def backward(self, call: Call, h0, do, dht) -> Grads:
+    def backward(self, call: Call, h0, do, dht, dht_late=None) -> Grads:
         """Gradients of every input and of h0, given do and (possibly None) dht."""
 
     def final_state(self, call: Call, h0) -> torch.Tensor:
@@ -76,10 +81,20 @@ class ExplicitKernel(ABC):
         return self.final_state(replace(call, v=zeros), eye)
 
 
-class TorchKernel(ExplicitKernel):
-    """The chunked PyTorch reference; backward by autograd on a recomputed forward."""
+def plus_late(x, late):
+    """x + late() where either may be missing."""
+    if late is None:
+        return x
+    extra = late()
+    return extra if x is None else x + extra
 
-    def forward(self, call: Call, h0):
+
+class TorchKernel(ExplicitKernel):
+    """The chunked PyTorch reference; backward by autograd on a recomputed forward. The state
+    passes of the gated family use their closed forms (summaries.py)."""
+
+    def forward(self, call: Call, h0, h0_late=None):
+        h0 = plus_late(h0, h0_late)
         with torch.no_grad():
             o, ht = chunk_reference(call.q, call.k, call.v, call.g, call.beta, call.scale, h0, True,
                                     call.cu_seqlens)
@@ -109,11 +124,19 @@ class TorchKernel(ExplicitKernel):
         res = {n: (gr if gr is not None else torch.zeros_like(x[n])) for n, gr in zip(names, got)}
         return res
 
-    def backward(self, call: Call, h0, do, dht) -> Grads:
+    def backward(self, call: Call, h0, do, dht, dht_late=None) -> Grads:
+        dht = plus_late(dht, dht_late)
         r = self._grad(call, h0, do, dht, ["q", "k", "v", "g", "beta", "h0"])
         return Grads(r["q"], r["k"], r["v"], r.get("g"), r.get("beta"), r["h0"])
 
+    def final_state(self, call: Call, h0):
+        if call.beta is None:
+            return gated_final_state(call, h0)
+        return super().final_state(call, h0)
+
     def state_grad(self, call: Call, do, dht):
+        if call.beta is None:
+            return gated_state_grad(call, do, dht)
         # autograd follows only the paths that reach h0: the adjoint state recurrence
         return self._grad(call, None, do, dht, ["h0"])["h0"]
 

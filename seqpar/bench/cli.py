@@ -5,6 +5,8 @@ import importlib
 
 # name -> (module, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "comm": ("seqpar.bench.comm", "latency and bandwidth of all-gather, all-to-all, point-to-point (torchrun)"),
+    "sp": ("seqpar.bench.sp", "SP efficiency of linear attention per variant x method x layout (torchrun)"),
 }
 
 

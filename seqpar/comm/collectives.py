@@ -102,6 +102,21 @@ def irecv(buf: torch.Tensor, src: int, group=None):
     return dist.irecv(buf, global_rank(group, src), group=group)
 
 
+def exchange(sends, recvs, group=None) -> list:
+    """Point-to-point sends [(tensor, dst)] and receives [(buffer, src)] issued as one batch (one
+    NCCL group), so ranks that send to each other in a cycle cannot deadlock; every rank issues its
+    batches in the same order. Buffers must stay alive until the returned works complete."""
+    ops = []
+    for x, dst in sends:
+        assert x.is_contiguous(), "exchange needs contiguous send buffers"
+        STATS.record("send", _nbytes(x))
+        ops.append(dist.P2POp(dist.isend, x, global_rank(group, dst), group))
+    for buf, src in recvs:
+        STATS.record("recv", 0)
+        ops.append(dist.P2POp(dist.irecv, buf, global_rank(group, src), group))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 _CPU_GROUPS: dict[tuple[int, ...], object] = {}
 
 

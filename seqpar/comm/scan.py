@@ -54,9 +54,8 @@ class ShardChain:
 
 
 class StateScan:
-    """One SP call's scan: forward gives S_in for this rank's shards, backward gives Y (the
-    gradient of each local shard's S_out) and X_0 (the gradient of the chain's initial state,
-    on the rank holding shard 0)."""
+    """One SP call's scan: forward gives S_in for this rank's shards, backward gives Y, the
+    gradient reaching each local shard's S_out."""
 
     def __init__(self, method: str, family: Family, chain: ShardChain, positions, group, n_slices: int = 1):
         if method not in METHODS:
@@ -68,14 +67,15 @@ class StateScan:
         self._T_all = None  # lasp2: every shard's transition, kept for the backward fold
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, T: torch.Tensor, dS: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
-        """T [n_local, *t], dS [n_local, *s] (local shard order) -> S_in [n_local, *s]."""
+    def forward(self, T: torch.Tensor, dS: torch.Tensor) -> torch.Tensor:
+        """T [n_local, *t], dS [n_local, *s] (local shard order) -> S_in [n_local, *s]; S_in(0) = 0
+        (an initial state belongs to shard 0's own summary)."""
         if self.method == "lasp2":
-            return self._lasp2_forward(T, dS, x0)
-        return self._chain_forward(T, dS, x0)
+            return self._lasp2_forward(T, dS)
+        return self._chain_forward(T, dS)
 
-    def backward(self, D: torch.Tensor, T: torch.Tensor):
-        """D [n_local, *s] -> (Y [n_local, *s], X_0 or None)."""
+    def backward(self, D: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+        """D [n_local, *s] -> Y [n_local, *s], the gradient reaching each local shard's S_out."""
         if self.method == "lasp2":
             return self._lasp2_backward(D)
         return self._chain_backward(D, T)
@@ -83,7 +83,7 @@ class StateScan:
     def _global(self, gathered: torch.Tensor, p: int) -> torch.Tensor:
         return gathered[self.chain.owners[p], self.chain.slots[p]]
 
-    def _lasp2_forward(self, T, dS, x0):
+    def _lasp2_forward(self, T, dS):
         n_local, t_shape, s_shape = T.shape[0], T.shape[1:], dS.shape[1:]
         packed = torch.cat([T.reshape(n_local, -1).to(dS.dtype), dS.reshape(n_local, -1)], 1)
         gathered = C.all_gather(packed, self.group)  # [P, n_local, t + s]
@@ -91,7 +91,7 @@ class StateScan:
         T_all = [self._global(gathered, p)[:t_len].view(t_shape) for p in range(self.chain.n)]
         dS_all = [self._global(gathered, p)[t_len:].view(s_shape) for p in range(self.chain.n)]
         self._T_all = T_all
-        S = x0.to(dS.dtype) if x0 is not None else dS.new_zeros(s_shape)
+        S = dS.new_zeros(s_shape)
         S_in = {}
         for p in range(max(self.positions) + 1):
             S_in[p] = S
@@ -104,14 +104,12 @@ class StateScan:
         gathered = C.all_gather(D, self.group)  # [P, n_local, *s]
         s_shape = D.shape[1:]
         Y_p = D.new_zeros(s_shape)
-        Y, X0 = {}, None
+        Y = {}
         for p in range(self.chain.n - 1, min(self.positions) - 1, -1):
             Y[p] = Y_p
             X_p = self._global(gathered, p) + self.family.apply_t(self._T_all[p], Y_p)
             Y_p = X_p if self.chain.continues[p] else torch.zeros_like(X_p)
-            if p == 0 and 0 in self.positions:
-                X0 = X_p
-        return torch.stack([Y[p] for p in self.positions]), X0
+        return torch.stack([Y[p] for p in self.positions])
 
     # ---- chain (zeco, ring) ----------------------------------------------------------------------
     def _split(self, S: torch.Tensor):
@@ -121,7 +119,7 @@ class StateScan:
         bufs = self._split(torch.empty_like(like))
         return bufs, [C.irecv(b, src, self.group) for b in bufs]
 
-    def _chain_forward(self, T, dS, x0):
+    def _chain_forward(self, T, dS):
         owners, c = self.chain.owners, self.chain.continues
         order = sorted(range(len(self.positions)), key=lambda i: self.positions[i])
         S_in = [None] * len(self.positions)
@@ -130,8 +128,7 @@ class StateScan:
             p = self.positions[i]
             dS_slices = torch.tensor_split(dS[i], self.n_slices, dim=-1)
             if p == 0:
-                incoming = self._split(x0.to(dS.dtype) if x0 is not None else torch.zeros_like(dS[i]))
-                works = [None] * self.n_slices
+                incoming, works = self._split(torch.zeros_like(dS[i])), [None] * self.n_slices
             elif owners[p - 1] == self.me:
                 incoming, works = self._split(carry), [None] * self.n_slices
             else:
@@ -157,7 +154,7 @@ class StateScan:
         owners, c = self.chain.owners, self.chain.continues
         order = sorted(range(len(self.positions)), key=lambda i: -self.positions[i])
         Y = [None] * len(self.positions)
-        X0, sends, carry = None, [], None
+        sends, carry = [], None
         for i in order:
             p = self.positions[i]
             D_slices = torch.tensor_split(D[i], self.n_slices, dim=-1)
@@ -180,8 +177,6 @@ class StateScan:
                 outs.append(X)
             Y[i] = torch.cat(incoming, -1)
             carry = torch.cat(outs, -1)
-            if p == 0:
-                X0 = carry
         for work, _ in sends:
             work.wait()
-        return torch.stack(Y), X0
+        return torch.stack(Y)

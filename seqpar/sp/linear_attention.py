@@ -1,20 +1,19 @@
 """Sequence-parallel linear attention: each rank runs the single-device kernel on its shard and
 exchanges only fixed-size state summaries (see seqpar.comm.scan for the methods).
 
-Forward, per local shard p:  (T_p, dS_p) -> scan -> S_in(p) -> outputs with S_in(p) as initial state.
-* scalar / diagonal transitions (linear_attn, lightning, simple_gla, gla): one kernel call from a
-  zero incoming state; S_in's contribution is added afterwards as a correction,
-  o_t += scale * (q_t * exp(G_t)) S_in, where G is the cumulative log decay from the shard start.
-  Backward likewise: one kernel backward, then corrections from S_in and from the gradient Y that
-  the scan returns for the shard's outgoing state; the gate gradient follows from the identity
-  dG_t = q_t.dq_t - k_t.dk_t (+ <S_final, dS_final> at the last token), reverse-accumulated.
-* dense transitions (delta_rule, gated_delta_rule): a state pass gives (dS_p, M_p), the scan gives
-  S_in, then the kernel runs with S_in as its initial state. Backward: the state gradient of the
-  shard's own outputs first, the reverse scan, then the kernel backward.
+Forward, per local shard p:
+  1. summary: dS_p (the shard's final state from a zero incoming state; a closed-form matrix product
+     for the gated family, a state pass for the delta rules) and T_p (its transition);
+  2. the scan (LASP-2 / ZeCO / ring) starts on a side stream and yields S_in(p);
+  3. the kernel runs on the shard with S_in(p) as a *late* initial state: it does the work that does
+     not depend on S_in first, so the exchange overlaps it (seqpar_kernels.explicit).
+Backward mirrors it: D_p (the gradient of S_in(p) from the shard's own outputs) -> reverse scan on
+the side stream -> Y_p (the gradient reaching the shard's outgoing state) -> the kernel backward with
+Y_p as a late final-state gradient.
 
-Gradients of replicated inputs (initial_state) are this rank's share: summed over the SP group they
-give the full gradient, as for any parameter under data/sequence parallelism. The gradient of the
-returned final_state is summed over ranks (every rank's loss counts).
+Gradients of replicated inputs (initial_state, lightning's per-head decay) are this rank's share:
+summed over the SP group they give the full gradient, as for any parameter under data/sequence
+parallelism. The gradient of the returned final_state is summed over ranks (every rank's loss counts).
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import seqpar_kernels
-from seqpar.comm import Family, StateScan
+from seqpar.comm import METHODS, Family, StateScan
 from seqpar.comm import collectives as C
 from seqpar_kernels import InputError, get_variant
 from seqpar_kernels.backends import resolve
@@ -32,9 +31,7 @@ from seqpar_kernels.explicit import Call, ExplicitKernel, explicit_kernel
 from seqpar_kernels.variants import check_cu_seqlens, normalize_inputs
 
 from .layout import LAYOUTS, split_error
-from .plan import Plan, Seq, make_plan
-
-METHODS = ("lasp2", "zeco", "ring")
+from .plan import Plan, make_plan
 
 
 def linear_attention(q, k, v, *, variant: str, g=None, beta=None, scale=None, group=None,
@@ -79,7 +76,7 @@ def linear_attention(q, k, v, *, variant: str, g=None, beta=None, scale=None, gr
         kernel=explicit_kernel(backend_name),
         family=Family(get_variant(variant).transition),
         method=method, group=group, scale=scale, zeco_slices=zeco_slices,
-        output_final_state=output_final_state, has_initial_state=initial_state is not None,
+        output_final_state=output_final_state,
     )
     o, final = _LinearAttentionSP.apply(q, k, v, g, beta, initial_state, spec)
     return o, (final if output_final_state else None)
@@ -124,7 +121,6 @@ class _Spec:
     scale: float
     zeco_slices: int
     output_final_state: bool
-    has_initial_state: bool
 
     def scan(self) -> StateScan:
         return StateScan(self.method, self.family, self.plan.chain, self.plan.positions, self.group,
@@ -191,31 +187,15 @@ class _Spec:
                     dht[n] = total[s.end_doc]
         return dht
 
-    def initial_grad(self, dh0_seq, X0, like):
-        """This rank's share of d(initial_state)."""
-        if not self.has_initial_state:
+    def initial_grad(self, dh0_seq, like):
+        """This rank's share of d(initial_state): the gradients of the sequences that start a document."""
+        if like is None:
             return None
-        if self.plan.local_cu is None:  # the initial state enters through the scan at shard 0
-            return X0.to(like.dtype) if X0 is not None else torch.zeros_like(like)
         d = torch.zeros_like(like)
         for n, s in enumerate(self.plan.seqs):
             if s.start_doc is not None:
                 d[s.start_doc] += dh0_seq[n].to(like.dtype)
         return d
-
-
-def _seq(x, s: Seq):
-    return x[s.row, s.start:s.end]
-
-
-def _log_decays(call: Call, s: Seq, dtype, K: int):
-    """Cumulative log decay G along sequence s, as [len, H, K] (zeros if the variant has no gate).
-    Decay ratios are formed as exp(G_i - G_j) with G_i >= G_j, never by dividing exponentials."""
-    if call.g is None:
-        G = torch.zeros(s.end - s.start, call.q.shape[2], dtype=dtype, device=call.q.device)
-    else:
-        G = _seq(call.g, s).to(dtype).cumsum(0)
-    return G[..., None].expand(*G.shape, K) if G.dim() == 2 else G
 
 
 def _transitions(spec: _Spec, call: Call, dtype):
@@ -225,13 +205,48 @@ def _transitions(spec: _Spec, call: Call, dtype):
     if spec.family.name == "dense":
         per_seq = spec.kernel.transition(call).to(dtype)
     else:
-        K = call.q.shape[3]
-        per_seq = torch.stack([_log_decays(call, s, dtype, K)[-1].exp() for s in plan.seqs])
-        if spec.family.name == "scalar":
-            per_seq = per_seq[..., 0]
+        H, K = call.q.shape[2], call.q.shape[3]
+        per_seq = []
+        for s in plan.seqs:
+            if call.g is None:
+                per_seq.append(torch.ones(H, device=call.q.device, dtype=dtype))
+            else:
+                per_seq.append(call.g[s.row, s.start:s.end].to(torch.float64).sum(0).exp().to(dtype))
+        per_seq = torch.stack(per_seq)
+        if spec.family.name == "diagonal" and per_seq.dim() == 2:
+            per_seq = per_seq[..., None].expand(-1, -1, K)
     T = spec.per_shard(per_seq, plan.first)
     whole = torch.tensor(plan.whole, device=T.device).view(-1, *([1] * (T.dim() - 1)))
     return torch.where(whole, T, torch.zeros_like(T))
+
+
+def _on_side_stream(fn, device):
+    """Start fn() (a collective and its small folds) on a side CUDA stream and return a function
+    that makes the current stream wait for it and returns its result; on the CPU fn runs now."""
+    if device.type != "cuda":
+        result = fn()
+        return lambda: result
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        result = fn()
+
+    def wait():
+        main.wait_stream(side)
+        for t in result if isinstance(result, tuple) else (result,):
+            t.record_stream(main)
+        return result
+
+    return wait
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class _LinearAttentionSP(torch.autograd.Function):
@@ -240,109 +255,37 @@ class _LinearAttentionSP(torch.autograd.Function):
         plan, kernel = spec.plan, spec.kernel
         call = spec.call(q, k, v, g, beta)
         sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        n_seqs = len(plan.seqs)
         h0_known = spec.known_initial(call, initial_state, sdt)
-        scan = spec.scan()
         T = _transitions(spec, call, sdt)
-        x0 = initial_state.to(sdt) if (initial_state is not None and plan.local_cu is None) else None
-        if spec.family.name == "dense":
-            fin = kernel.final_state(call, h0_known)
-            S_in = scan.forward(T, spec.per_shard(fin.to(sdt), plan.last), x0)
-            h0 = h0_known + spec.scatter(S_in, plan.first, len(plan.seqs), plan.continues)
-            o, fin = kernel.forward(call, h0)
-        else:
-            o, fin = kernel.forward(call, h0_known)
-            fin = fin.to(sdt)
-            S_in = scan.forward(T, spec.per_shard(fin, plan.last), x0)
-            h0 = h0_known
-            o, fin = _add_incoming(spec, call, o, fin, S_in)
-        final = spec.docs_final(fin) if spec.output_final_state else o.new_zeros(0)
+        dS = spec.per_shard(kernel.final_state(call, h0_known).to(sdt), plan.last)
+        scan = spec.scan()
+        S_in = _on_side_stream(lambda: scan.forward(T, dS), q.device)
+        incoming = {}
+
+        def h0_late():
+            incoming["h0"] = spec.scatter(S_in(), plan.first, n_seqs, plan.continues)
+            return incoming["h0"]
+
+        o, fin = kernel.forward(call, h0_known, h0_late)
+        final = spec.docs_final(fin.to(sdt)) if spec.output_final_state else o.new_zeros(0)
         ctx.spec, ctx.scan = spec, scan
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, h0, S_in, fin, T)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, h0_known + incoming["h0"], T)
         return spec.from_chain(o), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial_state, h0, S_in, fin, T = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, h0, T = ctx.saved_tensors
         spec, scan, plan, kernel = ctx.spec, ctx.scan, ctx.spec.plan, ctx.spec.kernel
         call = spec.call(q, k, v, g, beta)
         do = spec.to_chain(do.contiguous())
-        sdt = S_in.dtype
+        sdt = h0.dtype
         dht = spec.known_final_grad(call, dfinal, sdt)
-        n_seqs = len(plan.seqs)
-        keep = torch.tensor(plan.continues, device=S_in.device).view(-1, *([1] * (S_in.dim() - 1)))
-        if spec.family.name == "dense":
-            D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), plan.first)
-            Y, X0 = scan.backward(torch.where(keep, D, torch.zeros_like(D)), T)
-            dht = dht + spec.scatter(Y, plan.last, n_seqs)
-            gr = kernel.backward(call, h0, do, dht)
-            dq, dk, dv, dg, dbeta, dh0 = gr.dq, gr.dk, gr.dv, gr.dg, gr.dbeta, gr.dh0
-        else:
-            gr = kernel.backward(call, h0, do, dht)
-            D = spec.per_shard(gr.dh0.to(sdt), plan.first)
-            Y, X0 = scan.backward(torch.where(keep, D, torch.zeros_like(D)), T)
-            dq, dk, dv, dh0, dht = _add_incoming_grads(spec, call, do, gr, S_in, Y, dht)
-            dg = _gate_grad(spec, call, dq, dk, fin, dht) if ctx.needs_input_grad[3] else None
-            dbeta = None
-        d_init = spec.initial_grad(dh0, X0, initial_state) if initial_state is not None else None
-        return (spec.from_chain(dq), spec.from_chain(dk), spec.from_chain(dv), spec.from_chain(dg),
-                spec.from_chain(dbeta), d_init, None)
-
-
-def _add_incoming(spec: _Spec, call: Call, o, fin, S_in):
-    """Scalar/diagonal transitions: add S_in's contribution to the outputs and final states of the
-    first sequence of every shard that continues its predecessor."""
-    plan, K, sdt = spec.plan, call.q.shape[3], S_in.dtype
-    o = o.clone()
-    fin = fin.clone()
-    for i, idx in enumerate(plan.first):
-        if not plan.continues[i]:
-            continue
-        for r, n in enumerate(idx):
-            s, S = plan.seqs[n], S_in[i, r]
-            decay = _log_decays(call, s, sdt, K).exp()  # [len, H, K]
-            qd = _seq(call.q, s).to(sdt) * decay
-            o[s.row, s.start:s.end] += (spec.scale * torch.einsum("thk,hkv->thv", qd, S)).to(o.dtype)
-            fin[n] += decay[-1][..., None] * S
-    return o, fin
-
-
-def _add_incoming_grads(spec: _Spec, call: Call, do, gr, S_in, Y, dht):
-    """Corrections of the zero-incoming-state backward: dq from S_in, dk and dv from Y (the gradient
-    reaching each shard's outgoing state), and the initial-state gradient of document starts."""
-    plan, K = spec.plan, call.q.shape[3]
-    sdt = S_in.dtype
-    dq, dk, dv, dh0 = gr.dq.to(sdt), gr.dk.to(sdt), gr.dv.to(sdt), gr.dh0.to(sdt)
-    for i, idx in enumerate(plan.first):
-        if not plan.continues[i]:
-            continue
-        for r, n in enumerate(idx):
-            s = plan.seqs[n]
-            decay = _log_decays(call, s, sdt, K).exp()
-            dq[s.row, s.start:s.end] += spec.scale * decay * torch.einsum("thv,hkv->thk", _seq(do, s).to(sdt), S_in[i, r])
-    for i, idx in enumerate(plan.last):
-        for r, n in enumerate(idx):
-            s, Yr = plan.seqs[n], Y[i, r]
-            G = _log_decays(call, s, sdt, K)
-            to_end = (G[-1] - G).exp()
-            dk[s.row, s.start:s.end] += to_end * torch.einsum("thv,hkv->thk", _seq(call.v, s).to(sdt), Yr)
-            dv[s.row, s.start:s.end] += torch.einsum("thk,hkv->thv", _seq(call.k, s).to(sdt) * to_end, Yr)
-            dh0[n] += G[-1].exp()[..., None] * Yr
-            dht[n] += Yr
-    return dq.to(call.q.dtype), dk.to(call.k.dtype), dv.to(call.v.dtype), dh0, dht
-
-
-def _gate_grad(spec: _Spec, call: Call, dq, dk, fin, dht):
-    """dG_t = q_t.dq_t - k_t.dk_t (per key channel for gla), plus <S_final, dS_final> at each
-    sequence's last token; dg is its reverse cumulative sum within each sequence."""
-    sdt = fin.dtype
-    dG = call.q.to(sdt) * dq.to(sdt) - call.k.to(sdt) * dk.to(sdt)  # [.., T, H, K]
-    scalar = call.g.dim() == 3
-    if scalar:
-        dG = dG.sum(-1)
-    dg = torch.empty_like(dG)
-    for n, s in enumerate(spec.plan.seqs):
-        part = _seq(dG, s).clone()
-        end = (fin[n] * dht[n]).sum(-1)  # [H, K]
-        part[-1] += end.sum(-1) if scalar else end
-        dg[s.row, s.start:s.end] = part.flip(0).cumsum(0).flip(0)
-    return dg.to(call.g.dtype)
+        D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), plan.first)
+        keep = torch.tensor(plan.continues, device=D.device).view(-1, *([1] * (D.dim() - 1)))
+        D = torch.where(keep, D, torch.zeros_like(D))
+        Y = _on_side_stream(lambda: scan.backward(D, T), q.device)
+        gr = kernel.backward(call, h0, do, dht, lambda: spec.scatter(Y(), plan.last, len(plan.seqs)))
+        d_init = spec.initial_grad(gr.dh0, initial_state)
+        return (spec.from_chain(gr.dq), spec.from_chain(gr.dk), spec.from_chain(gr.dv), spec.from_chain(gr.dg),
+                spec.from_chain(gr.dbeta), d_init, None)

@@ -51,14 +51,13 @@ def make_plan(layout: str, rank: int, P: int, B: int, local_len: int, cu: list[i
     n = num_shards(layout, P)
     owners, slots = owners_and_slots(layout, P)
     positions = local_positions(layout, rank, P)
-    if cu is None:
-        seqs = tuple(Seq(b * n_local + i, 0, L, end_doc=b if p == n - 1 else None)
+    if cu is None:  # every batch row is one document running through all shards
+        seqs = tuple(Seq(b * n_local + i, 0, L, start_doc=b if p == 0 else None, end_doc=b if p == n - 1 else None)
                      for b in range(B) for i, p in enumerate(positions))
         idx = tuple(tuple(b * n_local + i for b in range(B)) for i in range(n_local))
-        # every shard continues its predecessor; shard 0 takes the initial state through the scan
-        chain = ShardChain(owners, slots, continues=(True,) * n)
-        return Plan(chain, positions, n_local, B, L, seqs, idx, idx, (True,) * n_local, (True,) * n_local,
-                    n_docs=B, local_cu=None)
+        chain = ShardChain(owners, slots, continues=(False,) + (True,) * (n - 1))
+        return Plan(chain, positions, n_local, B, L, seqs, idx, idx, tuple(p != 0 for p in positions),
+                    (True,) * n_local, n_docs=B, local_cu=None)
 
     starts = set(cu[:-1])
     doc_of_start = {s: d for d, s in enumerate(cu[:-1])}
