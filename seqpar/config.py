@@ -54,8 +54,8 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     engine: str = choice("native", ENGINES)
-    seq_len: int = positive(256)
-    micro_batch_size: int = positive(8)
+    seq_len: int = positive(128)
+    micro_batch_size: int = positive(16)
     global_batch_size: int = positive(0, allow_zero=True)  # 0: micro_batch_size x dp (no accumulation)
     steps: int = positive(300)
     lr: float = 3e-3
@@ -80,7 +80,7 @@ class DataConfig:
     task: str = choice("mqar", TASKS)
     path: str = ""  # text: a file, directory or glob; megatron: an indexed-dataset prefix (path/name without .bin)
     pack: bool = True  # text/megatron: pack documents into sequences, with boundaries (cu_seqlens)
-    num_pairs: int = positive(8)  # mqar: key-value pairs per sequence
+    num_pairs: int = positive(4)  # mqar: key-value pairs per sequence
     seed: int = 0
 
 
@@ -98,16 +98,19 @@ class LogConfig:
     interval: int = positive(10)
     progress: str = choice("on", ("on", "off"))  # rank 0: a bar on a terminal, else a line every interval
     tensorboard: str = choice("auto", ("auto", "on", "off"))  # auto: when tensorboard is installed
-    profile_interval: int = positive(50, allow_zero=True)  # steps between SP-communication profiles; 0: off
+    profile_interval: int = positive(100, allow_zero=True)  # steps between SP-communication profiles; 0: off
 
 
-def _default_model() -> ModelConfig:
-    return ModelConfig()
+# The built-in tiny hybrid: 4 blocks LLLS (Gated DeltaNet x 3, softmax), hidden 128, 256 ids. A `model:`
+# section (file or override) starts from these values; sizes derived from them (head_dim, ...) are
+# derived again from the merged values.
+DEFAULT_MODEL = dict(vocab_size=256, hidden_size=128, num_layers=4, num_heads=4, pattern="LLLS",
+                     linear_variant="gated_delta_rule", tie_embeddings=True)
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=_default_model)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**DEFAULT_MODEL), metadata={"base": DEFAULT_MODEL})
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,7 +184,9 @@ def from_dict(cls, data, where: str):
 
 def _coerce(value, tp, f: dataclasses.Field, name: str):
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, name)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return from_dict(tp, {**f.metadata.get("base", {}), **(value or {})}, name)
     origin = typing.get_origin(tp)
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         args = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -3,9 +3,9 @@ step number alone and a different number of data-parallel ranks sees the same gl
 
 Tasks (data.task):
 * mqar: multi-query associative recall. Key-value pairs sit at the start of the sequence, the
-  queries (the same keys, in another order) start at the middle; the model must predict each value.
-  With SP the pairs are on the first rank and the queries on another, so only state passed between
-  ranks can answer. Loss and accuracy count the answers only.
+  queries (the same keys, in other orders) fill [T/2, 3T/4); the model must predict each value.
+  With SP the pairs are on the first rank and the queries on another (both layouts, any P > 1), so
+  only state passed between ranks can answer. Loss and accuracy count the answers only.
 * passkey: a passkey (a few digits) after a marker near the start, asked for after a second marker at
   the middle; loss and accuracy count the passkey digits.
 * text: plain text files read as bytes (byte-level tokenizer, id 256 ends a document).
@@ -66,24 +66,29 @@ def collate(samples: list[tuple[torch.Tensor, torch.Tensor, list[int] | None]], 
 
 
 class MQAR:
-    """Vocabulary: [0, n) keys, [n, 2n) values, the rest (at least n ids) filler."""
+    """Multi-query associative recall (Zoology's MQAR, placed for SP).
+
+    Vocabulary: [0, K) keys, [K, 2K) values, 2K the filler (K = vocab / 4). The n key-value pairs
+    "k v" open the sequence; from T/2 to 3T/4 the keys are asked again, as successive permutations of
+    all n (so the first n queries of a sequence find their answers only at its start), each followed
+    by its value, which is the target. Filler elsewhere."""
 
     def __init__(self, seq_len: int, vocab_size: int, num_pairs: int, seed: int):
         self.T, self.V, self.n, self.seed = seq_len, vocab_size, num_pairs, seed
-        self.keys = vocab_size // 4
+        self.K = vocab_size // 4
 
     def __call__(self, index: int):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        T, n, K = self.T, self.n, self.keys
-        tokens = torch.randint(2 * K, self.V, (T,), generator=g)  # filler
+        T, n, K = self.T, self.n, self.K
+        tokens = torch.full((T,), 2 * K)
         keys = torch.randperm(K, generator=g)[:n]
         values = K + torch.randint(0, K, (n,), generator=g)
         tokens[0:2 * n:2], tokens[1:2 * n:2] = keys, values
-        order = torch.randperm(n, generator=g)
-        q = T // 2
-        tokens[q:q + 2 * n:2], tokens[q + 1:q + 2 * n:2] = keys[order], values[order]
+        q, slots = T // 2, T // 8
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-slots // n))])[:slots]
+        tokens[q:q + 2 * slots:2], tokens[q + 1:q + 2 * slots:2] = keys[order], values[order]
         labels = torch.full((T,), IGNORE)
-        labels[q:q + 2 * n:2] = values[order]  # at a query key, predict its value
+        labels[q:q + 2 * slots:2] = values[order]  # at a query key, predict its value
         return tokens, labels, None
 
 
