@@ -72,6 +72,8 @@ class TrainConfig:
     ce_chunk: int = positive(4096)  # tokens per cross-entropy chunk: logits never exceed [ce_chunk, vocab/tp]
     nonfinite: str = choice("stop", ("stop", "skip"))  # a NaN/Inf loss or gradient: stop, or skip the step
     fault_timeout_s: float = 300.0  # a rank silent this long ends the job on every rank
+    exit_interval: int = positive(0, allow_zero=True)  # stop (with a checkpoint) after this many steps in one
+    #                                                    invocation, for time-limited allocations; 0: run to the end
     zero_stage: int = choice(2, (0, 1, 2, 3))  # engine: deepspeed
 
 
@@ -237,7 +239,9 @@ def _scalar(value, tp, name: str):
                 pass
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{name} must be a string, got {value!r}")
     if typing.get_origin(tp) is typing.Literal:

@@ -277,9 +277,15 @@ class Trainer:
             runlog.progress(step + 1, f"loss {last['loss']:.3f} acc {last['accuracy']:.3f} "
                                       f"{tokens_per_s / 1e3:.1f}k tok/s")
             ci = self.config.checkpoint.interval
-            if (ci and (step + 1) % ci == 0) or step + 1 == t.steps:
+            leaving = t.exit_interval and step + 1 - self.start_step >= t.exit_interval
+            if (ci and (step + 1) % ci == 0) or step + 1 == t.steps or leaving:
                 self._mark(step, "checkpoint")
                 saved = self.engine.save(self.ckpt_dir, step + 1, self._meta(), self.config.checkpoint.keep)
+            if leaving:
+                if self.is_main:
+                    print(f"seqpar: stopping after {t.exit_interval} steps (train.exit_interval); run the same "
+                          f"command again to resume from step {step + 1}", flush=True)
+                break
         runlog.close()
         if self.is_main:
             where = saved or (checkpoint.complete(self.ckpt_dir) or [None])[-1]
