@@ -123,14 +123,15 @@ def expand_tasks_per_node(spec: str) -> list[int]:
 
 
 def init_distributed(launch: Launch, backend: str, timeout_s: float) -> dist.Store:
-    """Open the job's TCP store and the default process group; returns the store (prefixed for seqpar)."""
+    """Open the job's TCP store and the default process group. Returns the store: on rank 0 (without
+    torchrun's agent) it is the server, to be kept alive until every rank is done."""
     timeout = timedelta(seconds=timeout_s)
     is_host = launch.rank == 0 and not launch.agent_store
     store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=is_host,
                           timeout=timedelta(seconds=max(timeout_s, 300)), wait_for_workers=False)
     dist.init_process_group(backend, store=dist.PrefixStore("seqpar/pg", store), rank=launch.rank,
                             world_size=launch.world_size, timeout=timeout)
-    return dist.PrefixStore("seqpar/run", store)
+    return store
 
 
 def pick_device(launch: Launch, want: str) -> torch.device:

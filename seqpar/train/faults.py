@@ -73,7 +73,7 @@ class Watchdog:
                 message = (f"lost the job's store at {self._addr}:{self._port} ({type(e).__name__}: {e}); rank 0 or "
                            f"the launcher that hosts it died (this rank was at step {self.step}, {self.phase})")
             if message and not self._stop.is_set():
-                abort(message, self._store)
+                self.abort(message)
 
     def _check(self) -> str | None:
         if self._store.check(["abort"]):
@@ -97,6 +97,9 @@ class Watchdog:
                     f"(train.fault_timeout_s = {self.timeout:g}) while the other ranks wait for it")
         return None
 
+    def abort(self, message: str) -> None:
+        abort(message, self._store)
+
     def explain(self, error: BaseException) -> str:
         """A collective failed on this rank: wait (up to the timeout) for the heartbeats to say which rank
         is to blame, so the message names it rather than a socket."""
@@ -110,6 +113,13 @@ class Watchdog:
                 return message
             time.sleep(self.interval)
         return f"rank {self.rank} failed at step {self.step} ({self.phase}): {type(error).__name__}: {error}"
+
+
+def is_comm_error(e: BaseException) -> bool:
+    """A failed collective (a peer vanished, a timeout), as opposed to an error of this rank's own."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in (
+        "gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out", "Timed out"))
 
 
 def abort(message: str, store=None) -> None:

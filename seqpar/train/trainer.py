@@ -311,7 +311,8 @@ def run(config: cfg.Config) -> dict:
     launch = discover()
     cfg.check(config, launch.world_size)
     device = pick_device(launch, config.train.device)
-    store = init_distributed(launch, "nccl" if device.type == "cuda" else "gloo", config.train.fault_timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    store = init_distributed(launch, backend, config.train.fault_timeout_s)
     watchdog = faults.Watchdog(launch.master_addr, launch.master_port, launch.rank, launch.world_size,
                                config.train.fault_timeout_s)
     watchdog.start()
@@ -321,11 +322,12 @@ def run(config: cfg.Config) -> dict:
         dist.barrier()
     except faults.FaultError as e:  # raised alike on every rank
         faults.abort(str(e))
-    except dist.DistError as e:  # a collective failed here: name the rank to blame, not the socket that saw it
-        faults.abort(watchdog.explain(e), store)
-    except Exception as e:  # noqa: BLE001 - a failure of this rank alone: tell the others, who may be waiting
-        traceback.print_exc()
-        faults.abort(f"rank {launch.rank} failed at step {watchdog.step + 1}: {type(e).__name__}: {e}", store)
+    except Exception as e:  # noqa: BLE001
+        if faults.is_comm_error(e):  # a collective failed here: name the rank to blame, not the socket
+            watchdog.abort(watchdog.explain(e))
+        traceback.print_exc()  # this rank's own failure: tell the others, who may wait for it in a collective
+        watchdog.abort(f"rank {launch.rank} failed at step {watchdog.step + 1}: {type(e).__name__}: {e}")
     watchdog.stop()
     dist.destroy_process_group()
+    del store  # rank 0 served it until here
     return result
