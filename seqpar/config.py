@@ -57,7 +57,7 @@ class TrainConfig:
     seq_len: int = positive(128)
     micro_batch_size: int = positive(16)
     global_batch_size: int = positive(0, allow_zero=True)  # 0: micro_batch_size x dp (no accumulation)
-    steps: int = positive(300)
+    steps: int = positive(250)
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = positive(20, allow_zero=True)
@@ -103,10 +103,10 @@ class LogConfig:
     profile_interval: int = positive(100, allow_zero=True)  # steps between SP-communication profiles; 0: off
 
 
-# The built-in tiny hybrid: 4 blocks LLLS (Gated DeltaNet x 3, softmax), hidden 128, 256 ids. A `model:`
+# The built-in tiny hybrid: 2 blocks LS (Gated DeltaNet, softmax), hidden 128, 256 ids. A `model:`
 # section (file or override) starts from these values; sizes derived from them (head_dim, ...) are
 # derived again from the merged values.
-DEFAULT_MODEL = dict(vocab_size=256, hidden_size=128, num_layers=4, num_heads=4, pattern="LLLS",
+DEFAULT_MODEL = dict(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, pattern="LS",
                      linear_variant="gated_delta_rule", tie_embeddings=True)
 
 
@@ -282,6 +282,11 @@ def check(config: Config, world_size: int | None = None) -> None:
     if t.engine == "deepspeed" and (p.tp > 1 or p.pp > 1):
         raise ConfigError(f"parallel.tp = {p.tp}, parallel.pp = {p.pp}: the DeepSpeed route runs ZeRO over sequence "
                           "and data parallelism; use train.engine: megatron for tensor and pipeline parallelism")
+    if t.engine == "megatron" and config.checkpoint.resume not in ("auto", "none"):
+        raise ConfigError("checkpoint.resume: train.engine: megatron writes no seqpar checkpoints (use Megatron-LM's "
+                          "--save/--load with seqpar's layer spec); set checkpoint.resume: none")
+    if t.engine == "megatron" and t.nonfinite == "skip":
+        raise ConfigError("train.nonfinite: skip is not available with train.engine: megatron; use stop")
     if t.engine == "deepspeed" and t.nonfinite == "skip":
         raise ConfigError("train.nonfinite: skip is not available with train.engine: deepspeed (ZeRO reduces and "
                           "applies gradients in one step, they cannot be dropped); use stop")

@@ -147,18 +147,24 @@ class Trainer:
         p, t = config.parallel, config.train
         world = dist.get_world_size()
         self.dp = p.dp or world // (p.tp * p.pp * p.sp)
-        self.parallel = ParallelContext.create(sp=p.sp, layout=p.layout, linear_method=p.method,
-                                               softmax_method=p.softmax_method, zeco_slices=p.zeco_slices,
-                                               backend=p.backend)
         self.gbs = t.global_batch_size or t.micro_batch_size * self.dp
-        self.engine = make_engine(config, self.parallel, device)
+        if t.engine == "megatron":
+            from .megatron_engine import MegatronEngine
+
+            self.engine = MegatronEngine(config, device)
+            self.parallel = self.engine.parallel
+        else:
+            self.parallel = ParallelContext.create(sp=p.sp, layout=p.layout, linear_method=p.method,
+                                                   softmax_method=p.softmax_method, zeco_slices=p.zeco_slices,
+                                                   backend=p.backend)
+            self.engine = make_engine(config, self.parallel, device)
         self.model = self.engine.module
         dp_rank = dist.get_rank(self.parallel.dp_group) if self.parallel.dp_group is not None else 0
         self.loader = Loader(make_source(config), t.micro_batch_size, self.gbs, self.dp, dp_rank, config.data.pack)
         self.run_dir = Path(config.log.dir)
         self.ckpt_dir = Path(config.checkpoint.dir or self.run_dir / "checkpoints")
         self.is_main = dist.get_rank() == 0
-        self.flops_per_token = self.model.lm.flops_per_token(t.seq_len)
+        self.flops_per_token = config.model.flops_per_token(t.seq_len)
         self.peak = metrics.peak_tflops(device)
         self.start_step = 0
 
@@ -207,9 +213,48 @@ class Trainer:
         if self.is_main:
             print(f"seqpar: {message}; skipping the step (train.nonfinite: skip)", flush=True)
 
+    def _step(self, step: int, batches, lr: float, profiled: bool):
+        """One optimizer step. Returns ([loss sum, correct] over the global batch, its number of labelled
+        tokens, gradient norm, SP communication share or None), or None if the step was skipped."""
+        t = self.config.train
+
+        def measured(fn):
+            if not profiled:
+                return fn(), None
+            result, wall, comm = metrics.profile_comm(fn, self.device)
+            return result, comm / wall
+
+        if self.engine.name == "megatron":  # Megatron's schedule runs forward, backward and the update
+            (sums, grad_norm), share = measured(lambda: self.engine.run_step(batches, lr))
+            dist.all_reduce(sums)  # the last pipeline stage of every data x context rank, once per TP rank
+            sums /= self.parallel.tp_size
+            if not math.isfinite(float(sums[0])):
+                raise faults.FaultError(f"non-finite loss at step {step + 1} (train.engine: megatron; rerun the step "
+                                        "with engine native to trace the layer)")
+            return sums[:2], max(float(sums[2]), 1.0), grad_norm, share
+        count = torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(count, group=self.parallel.dp_group)  # SP ranks of a replica hold the same batch
+        total = max(float(count), 1.0)
+        sums, share = measured(lambda: self._forward_backward(step, batches, total))
+        if sums is None:
+            self.engine.discard()
+            return None
+        self._mark(step, "optimizer")
+        grad_norm, bad = self.engine.step(lr)
+        if bad is not None:
+            message = f"non-finite gradient at step {step + 1} (norm {grad_norm}): first in parameter {bad}"
+            if t.nonfinite == "stop":
+                raise faults.FaultError(message + "; set train.nonfinite: skip to skip such steps")
+            if self.is_main:
+                print(f"seqpar: {message}; step skipped", flush=True)
+            return None
+        dist.all_reduce(sums)  # every rank holds a share of the global batch
+        return sums, total, grad_norm, share
+
     def train(self) -> dict:
         t, log_cfg = self.config.train, self.config.log
-        resume = checkpoint.find(self.config.checkpoint.resume, self.ckpt_dir)
+        saves = self.engine.name != "megatron"  # Megatron-LM's own checkpoints serve that route
+        resume = checkpoint.find(self.config.checkpoint.resume, self.ckpt_dir) if saves else None
         if resume is not None:
             meta = self.engine.load(resume)
             self.start_step = meta["step"]
@@ -231,32 +276,14 @@ class Trainer:
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             batches = self.loader.step(step)
-            count = torch.tensor([sum(b.num_targets for b in batches)], dtype=torch.float64, device=self.device)
-            if self.parallel.dp_group is not None:
-                dist.all_reduce(count, group=self.parallel.dp_group)
-            total = max(float(count), 1.0)
-            profiled = log_cfg.profile_interval and (step + 1) % log_cfg.profile_interval == 0
-            with collectives.counting() as stats:
-                if profiled:
-                    sums, wall, comm = metrics.profile_comm(lambda: self._forward_backward(step, batches, total),
-                                                            self.device)
-                else:
-                    sums = self._forward_backward(step, batches, total)
-            if sums is None:  # non-finite loss, step skipped
-                skipped += 1
-                self.engine.discard()
-                continue
-            self._mark(step, "optimizer")
             lr = lr_at(step, t)
-            grad_norm, bad = self.engine.step(lr)
-            if bad is not None:
-                message = f"non-finite gradient at step {step + 1} (norm {grad_norm}): first in parameter {bad}"
-                if t.nonfinite == "stop":
-                    raise faults.FaultError(message + "; set train.nonfinite: skip to skip such steps")
+            profiled = bool(log_cfg.profile_interval and (step + 1) % log_cfg.profile_interval == 0)
+            with collectives.counting() as stats:
+                result = self._step(step, batches, lr, profiled)
+            if result is None:  # a non-finite loss or gradient, and train.nonfinite: skip
                 skipped += 1
-                if self.is_main:
-                    print(f"seqpar: {message}; step skipped", flush=True)
-            dist.all_reduce(sums)  # over every rank: each holds a share of the global batch
+                continue
+            sums, total, grad_norm, comm_share = result
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
@@ -268,8 +295,8 @@ class Trainer:
                     "sp_calls": sum(stats.calls.values()), "sp_bytes": sum(stats.bytes_sent.values())}
             if self.peak:
                 last["mfu"] = tflops / self.peak
-            if profiled:
-                last["sp_comm_share"] = comm / wall
+            if comm_share is not None:
+                last["sp_comm_share"] = comm_share
             if skipped:
                 last["skipped_steps"] = skipped
             if (step + 1) % log_cfg.interval == 0 or step + 1 == t.steps or profiled or step == self.start_step:
@@ -278,7 +305,7 @@ class Trainer:
                                       f"{tokens_per_s / 1e3:.1f}k tok/s")
             ci = self.config.checkpoint.interval
             leaving = t.exit_interval and step + 1 - self.start_step >= t.exit_interval
-            if (ci and (step + 1) % ci == 0) or step + 1 == t.steps or leaving:
+            if saves and ((ci and (step + 1) % ci == 0) or step + 1 == t.steps or leaving):
                 self._mark(step, "checkpoint")
                 saved = self.engine.save(self.ckpt_dir, step + 1, self._meta(), self.config.checkpoint.keep)
             if leaving:
@@ -299,7 +326,7 @@ class Trainer:
 
     def _banner(self) -> str:
         c, p, t = self.config, self.parallel, self.config.train
-        n_params = sum(x.numel() for x in self.model.lm.parameters())
+        n_params = sum(x.numel() for x in self.model.parameters())
         return (f"seqpar: training {n_params / 1e6:.2f}M parameters ({c.model.pattern} x {c.model.num_layers} layers, "
                 f"{c.model.linear_variant}) on {dist.get_world_size()} ranks ({self.launch.launcher}, "
                 f"{dist.get_backend()}, {self.device.type}): {p.describe()}; task {c.data.task}, seq_len {t.seq_len}, "
