@@ -19,9 +19,15 @@ from dataclasses import dataclass, replace
 import torch.distributed as dist
 
 from seqpar.comm import collectives as C
-from seqpar.sp import LAYOUTS, METHODS
+from seqpar.sp import LAYOUTS, METHODS, SOFTMAX_METHODS
 
-SOFTMAX_METHODS = ("allgather", "ring")
+
+def _size(group) -> int:
+    return C.size(group) if group is not None else 1  # None: no group (never WORLD)
+
+
+def _rank(group) -> int:
+    return C.rank(group) if group is not None else 0
 
 
 @dataclass(frozen=True)
@@ -52,25 +58,11 @@ class ParallelContext:
                              f"{dist.get_world_size()} ranks; build the context with ParallelContext.create(sp=...) "
                              "(or seqpar.megatron.parallel_context() under Megatron) so that every group is explicit")
 
-    @property
-    def sp_size(self) -> int:
-        return C.size(self.sp_group) if self.sp_group is not None else 1
-
-    @property
-    def sp_rank(self) -> int:
-        return C.rank(self.sp_group) if self.sp_group is not None else 0
-
-    @property
-    def tp_size(self) -> int:
-        return C.size(self.tp_group) if self.tp_group is not None else 1
-
-    @property
-    def tp_rank(self) -> int:
-        return C.rank(self.tp_group) if self.tp_group is not None else 0
-
-    @property
-    def dp_size(self) -> int:
-        return C.size(self.dp_group) if self.dp_group is not None else 1
+    sp_size = property(lambda self: _size(self.sp_group))
+    sp_rank = property(lambda self: _rank(self.sp_group))
+    tp_size = property(lambda self: _size(self.tp_group))
+    tp_rank = property(lambda self: _rank(self.tp_group))
+    dp_size = property(lambda self: _size(self.dp_group))
 
     def with_(self, **changes) -> "ParallelContext":
         return replace(self, **changes)

@@ -1,6 +1,6 @@
 """The plain hybrid model under SP (real gloo, float64) against the same weights on one process:
-hidden states, loss and every parameter gradient, for every linear variant (and the softmax layer
-once seqpar.sp.softmax_attention exists), both layouts, a batch of 2 and packed documents that
+hidden states, loss and every parameter gradient, for every linear variant and hybrid patterns
+with softmax blocks, both layouts, a batch of 2 and packed documents that
 cross ranks. Plus the pattern language, the parallel checks and activation checkpointing."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import seqpar.sp
 from seqpar import sp
 from seqpar.models import HybridLM, ModelConfig, check_parallel, expand_pattern
 from seqpar.parallel import ParallelContext
@@ -18,7 +17,6 @@ from seqpar_kernels import VARIANTS
 from seqpar_kernels.testing import rel_err
 
 TOL = 1e-9
-HAS_SOFTMAX = hasattr(seqpar.sp, "softmax_attention")
 
 
 def tiny_config(pattern: str, variant: str, **kw) -> ModelConfig:
@@ -81,9 +79,7 @@ def check_sp_case(alone, P, pattern, variant, layout, packed, method="lasp2", se
 def sp_cases(rank, P):
     alone = ParallelContext.create(sp=1, backend="torch")
     checked = 0
-    patterns = [("LL", v) for v in VARIANTS]
-    if HAS_SOFTMAX:
-        patterns += [("LS", "gla"), ("SL", "gated_delta_rule")]
+    patterns = [("LL", v) for v in VARIANTS] + [("LS", "gla"), ("SL", "gated_delta_rule")]
     for i, (pattern, variant) in enumerate(patterns):
         # P = 2: every layout x {batch, packed}; P = 3 (slower on 2 cores): one combination per pattern, rotating
         combos = [(lay, pk) for lay in ("contiguous", "zigzag") for pk in (False, True)]

@@ -41,10 +41,11 @@ def reference(q, k, v, causal=True, cu=None, window=None):
 
 
 def documents(T: int, P: int) -> list[int]:
-    """Odd-length documents: one of a single token, one ending exactly on a contiguous shard edge,
-    one spanning three ranks (P >= 3), and documents crossing rank boundaries."""
+    """Odd-length documents crossing rank boundaries, one of a single token; P = 3: one spanning
+    all three ranks; otherwise one ending exactly on a shard edge and (P = 4) one spanning three."""
     S = T // P
-    return sorted({0, 1, 6, S, S + 3, 3 * S - 2, T - 4, T} & set(range(T + 1)))
+    cuts = {0, 1, 6, 2 * S + 2, T - 1, T} if P == 3 else {0, 1, 6, S, S + 3, T - 4, T}
+    return sorted(cuts & set(range(T + 1)))
 
 
 def problem(P, layout, B, Hq, Hkv, packed, seed):
@@ -209,3 +210,27 @@ def test_tiles_never_hold_an_empty_row():
                     lo = 0 if t.left is None else r + nk - nq - t.left
                     hi = nk - 1 if t.right is None else r + nk - nq + t.right
                     assert max(lo, 0) <= min(hi, nk - 1), (mask, t, r)
+
+
+# ---- the GPU benchmark runs end to end on CPU ranks (a smoke test; its numbers come from GPUs) ----------
+def bench_on_rank(rank, world_size, out):
+    from seqpar.bench import softmax as bench_softmax
+    from seqpar.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "softmax", "--seq-lens", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--dtype",
+         "fp32", "--repeat", "1", "--warmup", "0", "--check-len", "48", "--split-len", "37", "--out", out])
+    return bench_softmax.main(args)
+
+
+def test_bench_softmax_smoke(tmp_path):
+    import json
+
+    out = str(tmp_path / "softmax.json")
+    assert run_ranks(bench_on_rank, 2, args=(out,)) == [0, 0]
+    data = json.loads(open(out).read())
+    assert data["meta"]["P"] == 2 and data["meta"]["impl"] == "math"
+    assert len(data["checks"]) == 5 + 2 * 2 * 2 and all(c["pass"] for c in data["checks"])
+    assert len(data["results"]) == 2 * 2
+    for r in data["results"]:
+        assert r["sp_ms"] > 0 and r["sdpa_1gpu_ms"] > 0 and r["efficiency"] > 0

@@ -7,6 +7,9 @@ import importlib
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "comm": ("seqpar.bench.comm", "latency and bandwidth of all-gather, all-to-all, point-to-point (torchrun)"),
     "sp": ("seqpar.bench.sp", "SP efficiency of linear attention per variant x method x layout (torchrun)"),
+    "model": ("seqpar.bench.model", "alpha-beta cost model: predicted SP efficiency of LASP-2, ZeCO, ring, a2a vs P"),
+    "sweep": ("seqpar.bench.sweep", "run a grid of benchmark points from a YAML file (resumable), collect JSON, plot"),
+    "softmax": ("seqpar.bench.softmax", "SP softmax attention: parity with SDPA, balance per layout x method (torchrun)"),
 }
 
 

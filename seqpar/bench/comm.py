@@ -9,14 +9,13 @@ sizes). The fit calibrates the communication cost model (`seqpar bench model --c
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
 import torch.distributed as dist
 
 from seqpar.comm import collectives as C
 
-from .sp import _init_distributed, _sync
+from .timing import init_distributed, median_ms
 
 
 def configure(parser) -> None:
@@ -26,31 +25,6 @@ def configure(parser) -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--out", default="comm_bench.json")
     parser.set_defaults(func=main)
-
-
-def _median_ms(fn, device, repeat):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        dist.barrier()
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def fit_alpha_beta(sizes_bytes, times_ms):
@@ -63,16 +37,16 @@ def fit_alpha_beta(sizes_bytes, times_ms):
 
 
 def main(args) -> int:
-    device = _init_distributed()
+    device = init_distributed()
     P, rank = C.size(), C.rank()
     rows = {"all_gather": [], "all_to_all": [], "p2p": []}
     for kb in args.sizes_kb:
         n = kb * 1024 // 4
         x = torch.randn(n, device=device)
-        rows["all_gather"].append(_median_ms(lambda: C.all_gather(x), device, args.repeat))
+        rows["all_gather"].append(median_ms(lambda: C.all_gather(x), device, 3, args.repeat))
         y = torch.randn(P * (n // P or 1), device=device)
         z = torch.empty_like(y)
-        rows["all_to_all"].append(_median_ms(lambda: dist.all_to_all_single(z, y), device, args.repeat))
+        rows["all_to_all"].append(median_ms(lambda: dist.all_to_all_single(z, y), device, 3, args.repeat))
         if P > 1:
             buf = torch.empty_like(x)
 
@@ -80,7 +54,7 @@ def main(args) -> int:
                 reqs = [dist.P2POp(dist.isend, x, (rank + 1) % P), dist.P2POp(dist.irecv, buf, (rank - 1) % P)]
                 for r in dist.batch_isend_irecv(reqs):
                     r.wait()
-            rows["p2p"].append(_median_ms(p2p, device, args.repeat))
+            rows["p2p"].append(median_ms(p2p, device, 3, args.repeat))
         if rank == 0:
             print(f"{kb:>8d} KiB  all_gather {rows['all_gather'][-1]:8.3f} ms  all_to_all {rows['all_to_all'][-1]:8.3f}"
                   f" ms  p2p {rows['p2p'][-1] if rows['p2p'] else float('nan'):8.3f} ms", flush=True)

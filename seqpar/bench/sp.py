@@ -17,9 +17,6 @@ the anchor (its efficiency measured the same way).
 from __future__ import annotations
 
 import json
-import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +29,8 @@ from seqpar.sp.plan import make_plan
 from seqpar_kernels.backends import resolve
 from seqpar_kernels.explicit import Call, explicit_kernel
 from seqpar_kernels.testing import random_inputs, rel_err
+
+from .timing import init_distributed, median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -54,46 +53,6 @@ def configure(parser) -> None:
     parser.add_argument("--no-fla", action="store_true", help="skip fla's context-parallel anchor")
     parser.add_argument("--out", default="sp_bench.json", help="JSON output (written by rank 0)")
     parser.set_defaults(func=main)
-
-
-def _init_distributed():
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `seqpar bench sp`: one process
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, warmup: int, repeat: int) -> float:
-    """Median milliseconds of fn() over `repeat` runs, the slowest rank's median (all ranks agree)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
 
 
 def _leaves(x, device, dtype, requires_grad=True):
@@ -165,9 +124,9 @@ def _breakdown(variant, x, do, method, layout, backend_name, slices, device, arg
         s.backward(dS, Ts)
 
     return {
-        "local_kernel_ms": _time(local_kernel, device, args.warmup, args.repeat),
-        "state_passes_ms": _time(state_passes, device, args.warmup, args.repeat),
-        "scan_ms": _time(scan_only, device, args.warmup, args.repeat),
+        "local_kernel_ms": median_ms(local_kernel, device, args.warmup, args.repeat),
+        "state_passes_ms": median_ms(state_passes, device, args.warmup, args.repeat),
+        "scan_ms": median_ms(scan_only, device, args.warmup, args.repeat),
     }
 
 
@@ -228,7 +187,7 @@ def _fla_anchor(t_local, args, device, dtype):
         o, _ = chunk_gated_delta_rule(single["q"], single["k"], single["v"], single["g"], single["beta"])
         o.backward(do)
 
-    t_single = _time(run_single, device, args.warmup, args.repeat)
+    t_single = median_ms(run_single, device, args.warmup, args.repeat)
     for layout in args.layouts:
         ctx = build_cp_context(torch.tensor([0, t_local * P], device=device, dtype=torch.int32),
                                group=dist.group.WORLD, layout=layout)
@@ -240,14 +199,14 @@ def _fla_anchor(t_local, args, device, dtype):
             o, _ = chunk_gated_delta_rule(loc["q"], loc["k"], loc["v"], loc["g"], loc["beta"], cp_context=ctx)
             o.backward(do)
 
-        t_cp = _time(run_cp, device, args.warmup, args.repeat)
+        t_cp = median_ms(run_cp, device, args.warmup, args.repeat)
         rows.append({"impl": "fla-cp", "variant": "gated_delta_rule", "layout": layout, "t_local": t_local,
                      "single_ms": t_single, "sp_ms": t_cp, "efficiency": t_single / t_cp})
     return rows
 
 
 def main(args) -> int:
-    device = _init_distributed()
+    device = init_distributed()
     P, rank = C.size(), C.rank()
     dtype = DTYPES[args.dtype]
     backend = resolve(args.backend, device)
@@ -267,11 +226,11 @@ def main(args) -> int:
                               dtype=torch.float32, initial_state=False, seed=rank)
             single = _leaves(x, device, dtype)
             do = torch.randn(single["v"].shape, device=device, dtype=dtype)
-            t_single = _time(_fwd_bwd_plain(variant, single, do, backend), device, args.warmup, args.repeat)
+            t_single = median_ms(_fwd_bwd_plain(variant, single, do, backend), device, args.warmup, args.repeat)
             for layout in args.layouts:
                 for method in args.methods:
                     run = _fwd_bwd_sp(variant, single, do, method, layout, backend, args.zeco_slices)
-                    t_sp = _time(run, device, args.warmup, args.repeat)
+                    t_sp = median_ms(run, device, args.warmup, args.repeat)
                     parts = _breakdown(variant, single, do, method, layout, backend, args.zeco_slices, device, args)
                     exposed = max(0.0, t_sp - parts["local_kernel_ms"] - parts["state_passes_ms"])
                     row = {"variant": variant, "method": method, "layout": layout, "t_local": t_local, "P": P,

@@ -45,11 +45,11 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 class LinearMixer(nn.Module):
     def __init__(self, variant: str, hidden_size: int, num_heads: int, head_dim: int, *,
-                 parallel: ParallelContext = ParallelContext(), proj: Projections = PLAIN, conv_size: int = 4,
+                 parallel: ParallelContext | None = None, proj: Projections = PLAIN, conv_size: int = 4,
                  init_std: float = 0.02, out_init_std: float | None = None, norm_eps: float = 1e-5):
         super().__init__()
         self.variant = get_variant(variant)
-        self.parallel = parallel
+        self.parallel = parallel or ParallelContext()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.heads = proj.local(num_heads, "num_heads")           # this TP rank's heads
         self.head_slice = proj.local_slice(num_heads, "num_heads")

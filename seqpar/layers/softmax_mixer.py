@@ -18,13 +18,13 @@ from .rope import apply_rope
 
 class SoftmaxMixer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 parallel: ParallelContext = ParallelContext(), proj: Projections = PLAIN, rope_base: float = 10000.0,
+                 parallel: ParallelContext | None = None, proj: Projections = PLAIN, rope_base: float = 10000.0,
                  init_std: float = 0.02, out_init_std: float | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads = {num_heads} must be a multiple of num_kv_heads = {num_kv_heads} "
                              "(grouped-query attention shares each KV head among a whole group of query heads)")
-        self.parallel, self.rope_base, self.head_dim = parallel, rope_base, head_dim
+        self.parallel, self.rope_base, self.head_dim = parallel or ParallelContext(), rope_base, head_dim
         self.heads = proj.local(num_heads, "num_heads")
         self.kv_heads = proj.local(num_kv_heads, "num_kv_heads")
         self.q_proj = proj.column(hidden_size, num_heads * head_dim, init_std)

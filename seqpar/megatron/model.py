@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from seqpar.models import ModelConfig, check_parallel
@@ -88,7 +90,12 @@ def build_gpt_model(model: ModelConfig, config: TransformerConfig, *, pre_proces
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return GPTModel(config=config, transformer_layer_spec=seqpar_layer_spec(seqpar_options(model, **parallel_options)),
+    # the block spelled out, so the final norm is torch's RMSNorm like every block norm (a bare layer spec
+    # would get Megatron's default, TENorm or Apex's LayerNorm-only FusedLayerNorm where installed)
+    layers = get_num_layers_to_build(config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
+    block = TransformerBlockSubmodules(layer_specs=[seqpar_layer_spec(seqpar_options(model, **parallel_options))] * layers,
+                                       layer_norm=WrappedTorchNorm)
+    return GPTModel(config=config, transformer_layer_spec=block,
                     vocab_size=model.vocab_size,
                     max_sequence_length=max_sequence_length, pre_process=pre_process, post_process=post_process,
                     parallel_output=True, share_embeddings_and_output_weights=model.tie_embeddings,

@@ -117,8 +117,13 @@ class ModelConfig:
         return 3.0 * fwd
 
 
+def pattern_blocks(pattern: str, linear_variant: str) -> tuple[str, ...]:
+    """The mixers of one period of the pattern (raises on a bad pattern)."""
+    return tuple(_parse(pattern, linear_variant))
+
+
 def expand_pattern(pattern: str, num_layers: int, linear_variant: str) -> tuple[str, ...]:
-    blocks = _parse(pattern, linear_variant)
+    blocks = pattern_blocks(pattern, linear_variant)
     if num_layers % len(blocks):
         raise ValueError(f"the layer pattern {pattern!r} has {len(blocks)} blocks, which does not divide "
                          f"num_layers = {num_layers}; the pattern is repeated to fill the layers, so choose "

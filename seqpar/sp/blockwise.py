@@ -162,7 +162,12 @@ class Partial:
         self.lse = torch.full((n, H), float("-inf"), dtype=dtype, device=device)
 
     def add(self, a: int, b: int, out, lse) -> None:
-        self.out[a:b], self.lse[a:b] = merge(self.out[a:b], self.lse[a:b], out, lse.to(self.lse.dtype))
+        """Merge the partial result of rows [a, b) over further keys, in place."""
+        o, l = self.out[a:b], self.lse[a:b]
+        new = torch.logaddexp(l, lse.to(l.dtype))
+        safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+        o.mul_((l - safe).exp()[..., None]).add_(out * (lse - safe).exp()[..., None])
+        l.copy_(new)
 
 
 # ---- the two implementations of a band of tiles -----------------------------------------------------
@@ -264,7 +269,7 @@ def _window_args(run: _Run) -> dict:
                 window_size_right=-1 if run.right is None else run.right)
 
 
-def flash_usable(q: torch.Tensor, k: torch.Tensor) -> str | None:
+def flash_usable(q: torch.Tensor) -> str | None:
     """Why the flash kernels cannot run these tensors (None: they can)."""
     if not q.is_cuda:
         return "tensors are not on a CUDA device"
@@ -279,20 +284,33 @@ def flash_usable(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
-def resolve_impl(impl: str, q: torch.Tensor, k: torch.Tensor) -> str:
+def resolve_impl(impl: str, q: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise InputError(f"unknown attention implementation {impl!r}; choose one of {IMPLS}")
-    why = flash_usable(q, k)
+    why = flash_usable(q)
     if impl == "flash" and why:
         raise InputError(f"impl='flash' cannot run here: {why}; use impl='auto' or 'math'")
     return "math" if impl == "math" or (impl == "auto" and why) else "flash"
 
 
 # ---- one block pair, forward and backward -----------------------------------------------------------
+@dataclass
+class KeyBlock:
+    """Keys from elsewhere: k, v [B, n, Hkv, D] starting at global position `start`; in backward,
+    their dK/dV are added into `grad` [2, B, n, Hkv, D] (accumulation dtype)."""
+    start: int
+    k: torch.Tensor
+    v: torch.Tensor
+    grad: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class Spec:
     """One blockwise attention call. Spans are (local offset, length, global start) runs of the
-    local tensors; `remote` (optional) yields further key blocks (see softmax_attention)."""
+    local tensors. `remote` (optional) brings keys from elsewhere: `start(kv)` with the local
+    [2, B, T, Hkv, D] K/V begins its transfers, `blocks(backward)` yields KeyBlocks as they arrive,
+    and after the backward's blocks `finish()` returns the dK/dV of the local keys that the other
+    places computed (see softmax_attention)."""
     q_spans: tuple[tuple[int, int, int], ...]
     k_spans: tuple[tuple[int, int, int], ...]
     mask: Mask
@@ -429,7 +447,9 @@ class _BlockwiseAttention(torch.autograd.Function):
             _span(dkv[1], ks).add_(dv)
         if spec.remote is not None:
             for blk in spec.remote.blocks(backward=True):
-                spec.remote.put_grads(blk, *grads_of(blk.k, blk.v, blk.start))
+                dk, dv = grads_of(blk.k, blk.v, blk.start)
+                blk.grad[0].add_(dk)
+                blk.grad[1].add_(dv)
             dkv += spec.remote.finish()
         dq = torch.cat([b[-1].view(B, -1, Hq, D) for b in blocks], 1)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
@@ -489,5 +509,5 @@ def attention(q, k, v, *, causal: bool = True, cu_seqlens=None, window: int | No
     n = T if not block_size else block_size
     spans = tuple((a, min(n, T - a), a) for a in range(0, T, n))
     spec = Spec(spans, spans, Mask(causal, window, tuple(cu) if cu else None),
-                q.shape[-1] ** -0.5 if scale is None else float(scale), resolve_impl(impl, q, k), chunk)
+                q.shape[-1] ** -0.5 if scale is None else float(scale), resolve_impl(impl, q), chunk)
     return blockwise_attention(q, k, v, spec)

@@ -27,7 +27,8 @@ import torch
 from seqpar.comm import collectives as C
 from seqpar_kernels import InputError
 
-from .blockwise import Mask, Spec, acc_dtype, as_list, blockwise_attention, check_inputs, key_hull, resolve_impl
+from .blockwise import (KeyBlock, Mask, Spec, acc_dtype, as_list, blockwise_attention, check_inputs, key_hull,
+                        resolve_impl)
 from .layout import LAYOUTS, local_positions, split_error
 
 METHODS = ("allgather", "ring")
@@ -60,7 +61,7 @@ def softmax_attention(q, k, v, *, group=None, method: str = "allgather", layout:
         raise InputError(f"seqpar.sp.softmax_attention: {error}")
     mask = Mask(causal, window, tuple(cu) if cu else None)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = resolve_impl("auto", q, k)
+    impl = resolve_impl("auto", q)
     if P == 1:
         whole = ((0, q.shape[1], 0),)
         return blockwise_attention(q, k, v, Spec(whole, whole, mask, scale, impl))
@@ -124,14 +125,6 @@ def exchange_plan(layout: str, P: int, L: int, mask: Mask) -> ExchangePlan:
     return ExchangePlan(spans, tuple(need))
 
 
-@dataclass
-class KeyBlock:
-    start: int           # global position of its first key
-    k: torch.Tensor      # [B, n, Hkv, D]
-    v: torch.Tensor
-    grad: torch.Tensor | None  # [2, B, n, Hkv, D], where its dK/dV go (backward)
-
-
 def _piece(x: torch.Tensor, p: Piece) -> torch.Tensor:
     """The piece's tokens of x [2, B, T_local, Hkv, D]."""
     return x[:, :, p.offset:p.offset + p.length]
@@ -157,10 +150,6 @@ class _Gathered:
                 kv = _piece(self.kv_all[s], p)
                 yield KeyBlock(p.start, kv[0], kv[1], _piece(self.grads[s], p) if backward else None)
         self.kv_all = None
-
-    def put_grads(self, blk: KeyBlock, dk, dv) -> None:
-        blk.grad[0] += dk
-        blk.grad[1] += dv
 
     def finish(self) -> torch.Tensor:
         grads, self.grads = self.grads, None
@@ -201,12 +190,15 @@ class _Direct:
 
     def start(self, kv: torch.Tensor) -> None:
         self.kv, self.B, self.head = kv, kv.shape[1], tuple(kv.shape[3:])
+        self.grad_shape, self.grad_opts = kv.shape, dict(dtype=acc_dtype(kv.dtype), device=kv.device)
         self.per_token = 2 * self.B * kv.shape[3] * kv.shape[4]
-        self.grad_works, self.grads_in, self.grads_out = [], [], []
+        self.total, self.grads_in_flight = None, None
         self.pending = self._send_kv(self.steps[0])
 
     def blocks(self, backward: bool):
-        need, me, adt = self.plan.need, self.me, acc_dtype(self.kv.dtype)
+        need, me = self.plan.need, self.me
+        if backward:
+            self.total = torch.zeros(self.grad_shape, **self.grad_opts)  # dK/dV of my keys from the others
         for i, dists in enumerate(self.steps):
             works, _, recvs = self.pending
             for w in works:
@@ -216,7 +208,7 @@ class _Direct:
             grads_out = []
             for buf, src in recvs:
                 pieces = need[me][src]
-                g = torch.zeros(buf.shape, dtype=adt, device=buf.device) if backward else None
+                g = torch.zeros(buf.shape, **self.grad_opts) if backward else None
                 gviews = self._views(g, pieces) if backward else [None] * len(pieces)
                 for p, kv, gv in zip(pieces, self._views(buf, pieces), gviews):
                     yield KeyBlock(p.start, kv[0], kv[1], gv)
@@ -226,23 +218,27 @@ class _Direct:
                 for d in dists:
                     dst, _ = self._peers(d)
                     if need[dst][me]:
-                        grads_in.append((torch.empty(self.plan.size(need[dst][me], self.per_token), dtype=adt,
-                                                     device=self.kv.device), dst))
-                self.grad_works += C.exchange(grads_out, grads_in, self.group)
-                self.grads_in += grads_in
-                self.grads_out += grads_out  # alive until the transfers complete
-        self.pending = None
+                        grads_in.append((torch.empty(self.plan.size(need[dst][me], self.per_token), **self.grad_opts),
+                                         dst))
+                works = C.exchange(grads_out, grads_in, self.group)
+                self._land_grads()  # the previous step's, which had a whole step to arrive
+                self.grads_in_flight = (works, grads_out, grads_in)
+        self.pending = self.kv = None  # every send of K/V has completed (each step's works were waited on)
 
-    def put_grads(self, blk: KeyBlock, dk, dv) -> None:
-        blk.grad[0] += dk
-        blk.grad[1] += dv
+    def _land_grads(self) -> None:
+        """Wait for the gradient transfers in flight and add what arrived; at most one step's
+        gradient buffers are alive besides the current one."""
+        if self.grads_in_flight is None:
+            return
+        works, _, grads_in = self.grads_in_flight
+        for w in works:
+            w.wait()
+        for buf, peer in grads_in:
+            for p, g in zip(self.plan.need[peer][self.me], self._views(buf, self.plan.need[peer][self.me])):
+                _piece(self.total, p).add_(g)
+        self.grads_in_flight = None
 
     def finish(self) -> torch.Tensor:
-        total = torch.zeros(self.kv.shape, dtype=acc_dtype(self.kv.dtype), device=self.kv.device)
-        for w in self.grad_works:
-            w.wait()
-        for buf, peer in self.grads_in:
-            for p, g in zip(self.plan.need[peer][self.me], self._views(buf, self.plan.need[peer][self.me])):
-                _piece(total, p).add_(g)
-        self.kv = self.grads_in = self.grads_out = self.grad_works = None
+        self._land_grads()
+        total, self.total = self.total, None
         return total
