@@ -59,13 +59,13 @@ class TrainConfig:
     global_batch_size: int = positive(0, allow_zero=True)  # 0: micro_batch_size x dp (no accumulation)
     steps: int = positive(250)
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: float = 1e-3
     warmup_steps: int = positive(20, allow_zero=True)
     schedule: str = choice("cosine", ("cosine", "linear", "constant"))
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0: off
-    checkpointing: str = choice("none", ("none", "full", "selective"))  # activation checkpointing per block
+    checkpointing: str = choice("none", ("none", "full"))  # activation checkpointing: full recomputes each block
     precision: str = choice("fp32", ("fp32", "bf16-autocast", "bf16"))
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     seed: int = 1234

@@ -98,19 +98,19 @@ def test_mpirun_from_pypi_mpich(tmp_path):
 
 
 def test_builtin_default_learns_its_task_under_torchrun(tmp_path):
-    """`seqpar train` with the built-in config (only the output folder moved) under torchrun, 2 CPU ranks:
-    the answers sit on the other rank, so accuracy only rises if state crosses the SP boundary."""
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                          "seqpar.cli", "train", f"log.dir={tmp_path}"], env=_env(), capture_output=True, text=True,
-                         timeout=1200)
+    """The README's `seqpar train`, with the built-in config (only the output folder moved): no launcher, so
+    it starts torchrun with 2 CPU ranks itself. The answers sit on the other rank, so accuracy only rises
+    if state crosses the SP boundary."""
+    out = subprocess.run(SEQPAR + [f"log.dir={tmp_path}"], env=_env(), capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = _metrics(tmp_path)
-    assert rows[-1]["step"] == 300
+    assert rows[-1]["step"] == 250
     first, last = rows[0], rows[-3:]
     assert first["accuracy"] < 0.1 and min(r["accuracy"] for r in last) > 0.5, [r["accuracy"] for r in rows]
     assert max(r["loss"] for r in last) < first["loss"] / 2
     assert any("sp_comm_share" in r for r in rows)
-    assert f"checkpoint: {tmp_path}/checkpoints/step-00000300" in out.stdout
+    assert "seqpar: starting 2 local ranks with torchrun" in out.stdout and "2 ranks (torchrun, gloo, cpu)" in out.stdout
+    assert f"checkpoint: {tmp_path}/checkpoints/step-00000250" in out.stdout
 
 
 # ---------------------------------------------------------------- faults

@@ -147,3 +147,34 @@ def test_deepspeed_zero2_keeps_sp_ranks_identical(tmp_path):
     native, ds = _losses(tmp_path / "native"), _losses(tmp_path / "deepspeed")
     for step in native:
         assert ds[step] == pytest.approx(native[step], rel=1e-5)
+
+
+def test_watchdog_names_the_rank_behind():
+    """The heartbeat board's verdicts, on a real TCP store with hand-written heartbeats."""
+    import time
+
+    from seqpar.train.distributed import free_port
+    from seqpar.train.faults import Watchdog
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 1, is_master=True, wait_for_workers=False)
+    board = dist.PrefixStore("seqpar/heartbeat", server)
+    dog = Watchdog("127.0.0.1", port, rank=0, world=3, timeout_s=5)
+    dog._store = board
+    now = time.time()
+
+    def beats(*rows):
+        for r, (step, phase, alive, moved, calls) in enumerate(rows):
+            board.set(str(r), json.dumps({"step": step, "phase": phase, "alive": now - alive, "moved": now - moved,
+                                          "calls": calls}))
+
+    beats((3, "forward", 0, 1, 10), (3, "forward", 0, 1, 10), (3, "forward", 0, 1, 10))
+    assert dog._check() is None  # all alive and moving
+    beats((3, "forward", 0, 1, 10), (3, "forward", 9, 9, 10), (3, "done", 60, 60, 10))
+    assert dog._check().startswith("rank 1 stopped responding at step 3 (forward): no heartbeat for 9 s")
+    beats((7, "backward", 0, 8, 41), (7, "forward", 0, 8, 36), (7, "backward", 0, 8, 41))
+    assert dog._check().startswith("rank 1 hangs at step 7 (forward): no progress for 8 s")
+    beats((7, "backward", 0, 8, 41), (7, "backward", 0, 8, 41), (7, "backward", 0, 8, 41))
+    assert dog._check().startswith("every rank has stood still for 5 s at step 7 (backward)")
+    board.set("abort", "rank 2 failed at step 7: boom")
+    assert dog._check() == "rank 2 failed at step 7: boom"

@@ -110,7 +110,7 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(config, self.dp), mpu=SequenceParallelMpu(parallel),
             dist_init_required=False)
-        self.module = model
+        self.module, self.forward = model, self.ds
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss * self.dp, scale_wrt_gas=False)

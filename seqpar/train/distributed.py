@@ -10,8 +10,8 @@ come from:
   free port are broadcast to the others.
 
 `init_distributed()` then opens one TCP store (the heartbeat board of `seqpar.train.faults` lives in it
-too) and the default process group; `Mesh` builds the sub-groups in Megatron's order (tensor fastest,
-then sequence/context, then data, then pipeline), so a native run and a Megatron run place ranks alike.
+too) and the default process group. The sub-groups come from seqpar.parallel.ParallelContext (native
+and DeepSpeed engines) or from megatron-core (Megatron engine).
 """
 from __future__ import annotations
 
@@ -124,8 +124,11 @@ def expand_tasks_per_node(spec: str) -> list[int]:
 
 def init_distributed(launch: Launch, backend: str, timeout_s: float) -> dist.Store:
     """Open the job's TCP store and the default process group. Returns the store: on rank 0 (without
-    torchrun's agent) it is the server, to be kept alive until every rank is done."""
-    timeout = timedelta(seconds=timeout_s)
+    torchrun's agent) it is the server, to be kept alive until every rank is done.
+
+    The collectives' own timeout is a backstop, set well beyond timeout_s: the heartbeats of
+    seqpar.train.faults name the lost rank first (NCCL's watchdog would end the process without)."""
+    timeout = timedelta(seconds=max(2 * timeout_s, timeout_s + 60))
     is_host = launch.rank == 0 and not launch.agent_store
     store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=is_host,
                           timeout=timedelta(seconds=max(timeout_s, 300)), wait_for_workers=False)
@@ -147,60 +150,3 @@ def pick_device(launch: Launch, want: str) -> torch.device:
                            f"GPUs; start one rank per GPU")
     torch.cuda.set_device(launch.local_rank)
     return torch.device("cuda", launch.local_rank)
-
-
-@dataclass
-class Mesh:
-    """Process groups of a tp x sp x dp x pp grid (tensor fastest, as Megatron places them).
-
-    `replica` is the data x sequence group: the ranks that hold the same parameters and whose
-    gradients are summed (the "sequence data parallel" group of DeepSpeed)."""
-    tp: int
-    sp: int
-    dp: int
-    pp: int
-    rank: int
-    tp_group: object = None
-    sp_group: object = None
-    dp_group: object = None
-    pp_group: object = None
-    replica_group: object = None
-
-    @property
-    def coords(self) -> dict[str, int]:
-        r = self.rank
-        return {"tp": r % self.tp, "sp": r // self.tp % self.sp, "dp": r // (self.tp * self.sp) % self.dp,
-                "pp": r // (self.tp * self.sp * self.dp)}
-
-    @classmethod
-    def build(cls, tp: int, sp: int, dp: int, pp: int) -> "Mesh":
-        """Every rank calls this in the same order (new_group is collective)."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if tp * sp * dp * pp != world:
-            raise ValueError(f"parallel sizes tp={tp} x sp={sp} x dp={dp} x pp={pp} = {tp * sp * dp * pp} do not "
-                             f"match the {world} ranks of this job")
-        mesh = cls(tp, sp, dp, pp, rank)
-        sizes = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
-        strides = {"tp": 1, "sp": tp, "dp": tp * sp, "pp": tp * sp * dp}
-
-        def groups_along(dims: tuple[str, ...]):
-            """One group per combination of the other coordinates; returns the one holding this rank."""
-            mine = None
-            for base in range(world):
-                c = {d: base // strides[d] % sizes[d] for d in sizes}
-                if any(c[d] for d in dims):
-                    continue  # enumerate each group once, from its member with zero along `dims`
-                ranks = [base]
-                for d in dims:
-                    ranks = [r + i * strides[d] for r in ranks for i in range(sizes[d])]
-                g = dist.new_group(sorted(ranks))
-                if rank in ranks:
-                    mine = g
-            return mine
-
-        mesh.tp_group = groups_along(("tp",))
-        mesh.sp_group = groups_along(("sp",))
-        mesh.dp_group = groups_along(("dp",))
-        mesh.pp_group = groups_along(("pp",))
-        mesh.replica_group = groups_along(("sp", "dp"))
-        return mesh

@@ -85,7 +85,8 @@ class Watchdog:
             r = silent[0]
             return (f"rank {r} stopped responding at step {beats[r]['step']} ({beats[r]['phase']}): no heartbeat for "
                     f"{now - beats[r]['alive']:.0f} s (train.fault_timeout_s = {self.timeout:g}); it died or froze")
-        if all(b["phase"] != "done" and now - b["moved"] > self.timeout for b in beats.values()):
+        fresh = all(now - b["alive"] <= 3 * self.interval for b in beats.values())  # else: wait, a rank may be dead
+        if fresh and all(b["phase"] != "done" and now - b["moved"] > self.timeout for b in beats.values()):
             order = {p: i for i, p in enumerate(PHASES)}
             key = {r: (b["step"], order.get(b["phase"], 0), b["calls"]) for r, b in beats.items()}
             behind = min(key, key=key.get)

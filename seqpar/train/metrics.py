@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,14 +59,33 @@ def profile_comm(fn, device: torch.device):
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
+    prof = profile(activities=activities)
+    with _quiet_stderr():  # the profiler's C++ side announces every start and stop there
+        prof.start()
+    t0 = time.perf_counter()
+    try:
         result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     comm = _union_us((e.time_range.start, e.time_range.end) for e in prof.events() if _is_comm(e)) / 1e6
     return result, wall, min(comm, wall)
+
+
+@contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class ProgressBar:

@@ -76,6 +76,7 @@ class NativeEngine:
 
     def __init__(self, model, config: cfg.Config, optimizer, replica_group):
         self.module, self.config, self.optimizer, self.group = model, config, optimizer, replica_group
+        self.forward = model
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -185,7 +186,7 @@ class Trainer:
             local = batch.local(self.parallel.sp_group, self.parallel.layout, self.device)
             self._mark(step, "forward")
             with self._autocast():
-                loss_sum, correct = self.model(local.tokens, local.labels, local.cu_seqlens)
+                loss_sum, correct = self.engine.forward(local.tokens, local.labels, local.cu_seqlens)
             check = loss_sum.detach().reshape(1).double()
             dist.all_reduce(check)  # one scalar: every rank decides alike about a NaN
             if not math.isfinite(float(check)):
