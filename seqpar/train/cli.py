@@ -24,19 +24,19 @@ def configure(parser) -> None:
 def _main(args) -> int:
     try:
         config = cfg.load(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.dump(config), end="")
+            return 0
+        from .distributed import launched_by
+
+        if launched_by() == "none" and cfg.world_size_of(config) > 1:
+            return _self_launch(config, args)
+        from .trainer import run
+
+        run(config)  # raises ConfigError only before any process group exists
     except cfg.ConfigError as e:
         print(f"seqpar train: config error: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(cfg.dump(config), end="")
-        return 0
-    from .distributed import launched_by
-
-    if launched_by() == "none" and cfg.world_size_of(config) > 1:
-        return _self_launch(config, args)
-    from .trainer import run
-
-    run(config)
     return 0
 
 

@@ -339,6 +339,9 @@ def run(config: cfg.Config) -> dict:
     launch = discover()
     cfg.check(config, launch.world_size)
     device = pick_device(launch, config.train.device)
+    if config.train.engine == "megatron" and device.type != "cuda":
+        raise cfg.ConfigError("train.engine: megatron needs GPUs (megatron-core's pipeline schedules run on CUDA); "
+                              "use train.engine: native on CPUs")
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = init_distributed(launch, backend, config.train.fault_timeout_s)
     watchdog = faults.Watchdog(launch.master_addr, launch.master_port, launch.rank, launch.world_size,
