@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "env": ("seqpar.env", "versions, collectives, GPUs and usable kernel backends"),
     "bench": ("seqpar.bench.cli", "benchmarks (print a table, write JSON)"),
     "config": ("seqpar.megatron.config_import", "config tools: import a Megatron-LM configuration as a seqpar YAML"),
+    "launch": ("seqpar.launch", "print torchrun / SLURM / mpirun command lines for nodes x GPUs per node"),
+    "train": ("seqpar.train.cli", "train a model: YAML config + key=value overrides, under any launcher"),
 }
 
 
