@@ -211,12 +211,21 @@ def main(args) -> int:
     dtype = DTYPES[args.dtype]
     backend = resolve(args.backend, device)
     results, checks, anchors = [], [], []
+    meta = {"P": P, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "backend": backend, "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim,
+            "torch": torch.__version__, "repeat": args.repeat}
+
+    def save():  # after every row, so a run cut short keeps what it measured
+        if rank == 0:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "checks": checks, "results": results, "fla_anchor": anchors}, f, indent=1)
     if args.check:
         for variant in args.variants:
             for method in args.methods:
                 for layout in args.layouts:
                     c = _check(variant, method, layout, backend, args, device, dtype)
                     checks.append({"variant": variant, "method": method, "layout": layout, **c})
+                    save()
                     if rank == 0:
                         print(f"check {variant:17s} {method:6s} {layout:10s} max rel err {c['max_rel_err']:.2e} "
                               f"{'PASS' if c['pass'] else 'FAIL'}", flush=True)
@@ -237,6 +246,7 @@ def main(args) -> int:
                            "single_ms": t_single, "sp_ms": t_sp, "efficiency": t_single / t_sp,
                            **parts, "exposed_ms": exposed}
                     results.append(row)
+                    save()
                     if rank == 0:
                         print(f"{variant:17s} {method:6s} {layout:10s} T_local={t_local:>7d} single {t_single:8.2f} ms"
                               f"  SP {t_sp:8.2f} ms  eff {row['efficiency']:.3f}  kernel {parts['local_kernel_ms']:.2f}"
@@ -246,17 +256,13 @@ def main(args) -> int:
         if not args.no_fla and device.type == "cuda":
             rows = _fla_anchor(t_local, args, device, dtype) or []
             anchors += rows
+            save()
             for row in rows:
                 if rank == 0:
                     print(f"fla-cp gated_delta_rule {row['layout']:10s} T_local={t_local:>7d} single "
                           f"{row['single_ms']:8.2f} ms  SP {row['sp_ms']:8.2f} ms  eff {row['efficiency']:.3f}",
                           flush=True)
     if rank == 0:
-        meta = {"P": P, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "backend": backend, "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim,
-                "torch": torch.__version__, "repeat": args.repeat}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "checks": checks, "results": results, "fla_anchor": anchors}, f, indent=1)
         print(f"wrote {args.out}")
     failed = [c for c in checks if not c["pass"]]
     dist.destroy_process_group()
