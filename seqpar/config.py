@@ -92,6 +92,7 @@ class CheckpointConfig:
     interval: int = positive(100, allow_zero=True)  # steps between saves; 0: only at the end
     keep: int = positive(2)
     resume: str = "auto"  # auto: the latest complete checkpoint in dir if any; none; or a checkpoint path
+    save: str = choice("on", ("on", "off"))  # off: write no checkpoints (benchmarks, sweeps)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class LogConfig:
     progress: str = choice("on", ("on", "off"))  # rank 0: a bar on a terminal, else a line every interval
     tensorboard: str = choice("auto", ("auto", "on", "off"))  # auto: when tensorboard is installed
     profile_interval: int = positive(100, allow_zero=True)  # steps between SP-communication profiles; 0: off
+    summary: str = ""  # a JSON file for the run's steady-state metrics (medians after warm-up), written at the end
 
 
 # The built-in tiny hybrid: 2 blocks LS (Gated DeltaNet, softmax), hidden 128, 256 ids. A `model:`

@@ -178,3 +178,22 @@ def test_watchdog_names_the_rank_behind():
     assert dog._check().startswith("every rank has stood still for 5 s at step 7 (backward)")
     board.set("abort", "rank 2 failed at step 7: boom")
     assert dog._check() == "rank 2 failed at step 7: boom"
+
+
+def _summary_case(rank, world, root):
+    _train([f"log.dir={root}/run", f"log.summary={root}/summary.json", "checkpoint.save=off"])
+    return True
+
+
+def test_summary_and_no_checkpoints(tmp_path):
+    """log.summary writes the steady-state medians (what benchmarks and sweeps read);
+    checkpoint.save=off writes no checkpoint at all."""
+    run_ranks(_summary_case, 2, (str(tmp_path),))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["steady_steps"] == 5  # the first step is warm-up
+    assert summary["tokens_per_s"] > 0 and summary["step_s"] > 0
+    assert summary["tokens_per_s_per_gpu"] == pytest.approx(summary["tokens_per_s"] / 2)
+    assert summary["run"]["sp"] == 2 and summary["run"]["seq_len"] == 32
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["loss"] == rows[-1]["loss"]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())

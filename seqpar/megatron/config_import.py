@@ -245,6 +245,8 @@ def import_config(path: str | Path, *, pattern: str | None = None, linear_varian
         if (v := take(src)) is not None:
             unresolved(src, v)
             train[key] = v if isinstance(v, str) else conv(v)
+    if "lr" in train and "min_lr" not in train:
+        train["min_lr"] = 0.0  # Megatron-LM's default --min-lr (seqpar's own default assumes its own lr)
     if "adam_beta1" in remaining or "adam_beta2" in remaining:
         train["betas"] = [float(take("adam_beta1", 0.9)), float(take("adam_beta2", 0.999))]
     if (style := take("lr_decay_style")) is not None:
@@ -255,7 +257,10 @@ def import_config(path: str | Path, *, pattern: str | None = None, linear_varian
     if take("bf16", False):
         train["precision"] = "bf16"
     if (gran := take("recompute_granularity")) is not None:
-        train["checkpointing"] = "full" if gran == "full" else "selective"
+        train["checkpointing"] = "full"  # seqpar recomputes whole blocks or nothing
+        if gran != "full":
+            out.differs.append(f"--recompute-granularity {gran}: seqpar recomputes whole blocks "
+                               "(train.checkpointing: full)")
     if (paths := take("data_path")) is not None:
         paths = paths if isinstance(paths, list) else [paths]
         prefixes = [p for p in paths if isinstance(p, str) and not _is_number(p)]

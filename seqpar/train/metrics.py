@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import resource
 import sys
 import time
@@ -154,3 +155,36 @@ class RunLog:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def summarize(history: list[dict]) -> dict:
+    """Steady-state figures of a run: medians over the steps after warm-up (the first quarter of the
+    steps, at least one, is left out: compilation and allocator growth), peak memory's maximum, and
+    the last step's loss and accuracy."""
+    if not history:
+        return {}
+    steady = history[max(1, len(history) // 4):] or history
+    out = {"steps": len(history), "steady_steps": len(steady), "loss": history[-1]["loss"],
+           "accuracy": history[-1]["accuracy"],
+           "peak_memory_gib": max(h["peak_memory_gib"] for h in history)}
+    for key in ("step_s", "tokens_per_s", "tflops_per_gpu", "mfu", "sp_comm_share"):
+        values = [h[key] for h in steady if key in h]
+        if values:
+            out[key] = statistics.median(values)
+    return out
+
+
+def write_summary(path: str, history: list[dict], meta: dict) -> None:
+    """The run's summary as JSON, written atomically (a reader never sees half a file)."""
+    summary = summarize(history)
+    world = meta.get("world_size", 1)
+    if "tokens_per_s" in summary:
+        summary["tokens_per_s_per_gpu"] = summary["tokens_per_s"] / world
+    summary["run"] = {k: meta[k] for k in ("engine", "world_size", "dp", "sp") if k in meta}
+    train = meta.get("config", {}).get("train", {})
+    summary["run"]["seq_len"] = train.get("seq_len")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, target)

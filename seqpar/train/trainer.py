@@ -254,7 +254,8 @@ class Trainer:
 
     def train(self) -> dict:
         t, log_cfg = self.config.train, self.config.log
-        saves = self.engine.name != "megatron"  # Megatron-LM's own checkpoints serve that route
+        # Megatron-LM's own checkpoints serve that route
+        saves = self.engine.name != "megatron" and self.config.checkpoint.save == "on"
         resume = checkpoint.find(self.config.checkpoint.resume, self.ckpt_dir) if saves else None
         if resume is not None:
             meta = self.engine.load(resume)
@@ -268,7 +269,7 @@ class Trainer:
             print(self._banner(), flush=True)
         tokens_per_step = self.gbs * t.seq_len
         world = dist.get_world_size()
-        last = {}
+        last, history = {}, []
         skipped = 0
         saved = None
         for step in range(self.start_step, t.steps):
@@ -300,6 +301,7 @@ class Trainer:
                 last["sp_comm_share"] = comm_share
             if skipped:
                 last["skipped_steps"] = skipped
+            history.append(last)
             if (step + 1) % log_cfg.interval == 0 or step + 1 == t.steps or profiled or step == self.start_step:
                 runlog.write(last)
             runlog.progress(step + 1, f"loss {last['loss']:.3f} acc {last['accuracy']:.3f} "
@@ -315,6 +317,8 @@ class Trainer:
                           f"command again to resume from step {step + 1}", flush=True)
                 break
         runlog.close()
+        if self.is_main and log_cfg.summary:
+            metrics.write_summary(log_cfg.summary, history, self._meta())
         if self.is_main:
             where = saved or (checkpoint.complete(self.ckpt_dir) or [None])[-1]
             print(f"seqpar: done. metrics: {self.run_dir / 'metrics.jsonl'}; config: {self.run_dir / 'config.yaml'}; "
