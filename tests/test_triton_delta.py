@@ -180,6 +180,18 @@ def test_identity_start_transition(variant, segments):
     assert rel_err(got, _transition(x, cu)) < 1e-4
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_final_state_and_transition_in_one_pass(variant, segments):
+    """The SP summary of the delta rules: final state and dense transition from one state pass."""
+    cu = torch.tensor([0, 70, 71, 200])
+    x = random_inputs(variant, B=1, T=200, H=2, K=16, V=8, n_states=3, seed=17)
+    ht, M = delta.final_state_and_transition(_call(x, torch.float32, cu), x.initial_state.float())
+    _, want_ht = sk.naive(variant, x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.initial_state,
+                          output_final_state=True, cu_seqlens=cu)
+    assert rel_err(ht, want_ht) < 1e-4
+    assert rel_err(M, _transition(x, cu)) < 1e-4
+
+
 def test_rejects_float64():
     x = random_inputs("delta_rule", B=1, T=8, H=1, K=16, V=16, seed=0)
     with pytest.raises(ValueError, match="float64"):

@@ -9,6 +9,7 @@ through this interface rather than through autograd. Every backend provides one:
     final_state(call, h0)                      -> ht        the state pass alone
     state_grad(call, do, dht)                  -> dh0       the initial-state gradient alone
     transition(call)                           -> [N, H, K, K]  dense transition (delta rules)
+    final_state_and_transition(call, h0)       -> (ht, M)   both, from one pass where possible
 
 `h0_late` / `dht_late` are functions returning a further initial state / final-state gradient
 (added to h0 / dht) that is still being exchanged between ranks when the call starts: a kernel
@@ -71,6 +72,11 @@ class ExplicitKernel(ABC):
     def state_grad(self, call: Call, do, dht):
         # the initial state enters linearly, so its gradient does not depend on its value
         return self.backward(call, None, do, dht).dh0
+
+    def final_state_and_transition(self, call: Call, h0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ht, M): the final state and the dense transition [N, H, K, K] of every sequence (delta
+        rules). A backend whose state pass computes transitions anyway returns both from one pass."""
+        return self.final_state(call, h0), self.transition(call)
 
     def transition(self, call: Call) -> torch.Tensor:
         """The product of the A_t of each sequence: the final state started from the identity

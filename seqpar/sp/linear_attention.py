@@ -112,6 +112,37 @@ def _plan(layout, rank, P, B, local_len, cu) -> Plan:
 
 
 @dataclass(frozen=True)
+class _Indices:
+    """The plan as device tensors, made once per (plan, device): the hot path then never copies a
+    host list to the GPU (each such copy would stall the host until the stream drains)."""
+    first: torch.Tensor      # [n_local, rows]: each shard's first kernel sequence
+    last: torch.Tensor       # [n_local, rows]
+    continues: torch.Tensor  # [n_local] bool
+    whole: torch.Tensor      # [n_local] bool
+    starts: torch.Tensor     # kernel sequences that start a document ...
+    start_docs: torch.Tensor  # ... and which document
+    ends: torch.Tensor       # kernel sequences that end a document ...
+    end_docs: torch.Tensor   # ... and which document
+    local_cu: torch.Tensor | None
+
+
+@functools.lru_cache(maxsize=256)
+def _indices(plan: Plan, device: torch.device) -> _Indices:
+    def t(x, dtype=torch.int64):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    starts = [(n, s.start_doc) for n, s in enumerate(plan.seqs) if s.start_doc is not None]
+    ends = [(n, s.end_doc) for n, s in enumerate(plan.seqs) if s.end_doc is not None]
+    return _Indices(t(plan.first), t(plan.last), t(plan.continues, torch.bool), t(plan.whole, torch.bool),
+                    t([n for n, _ in starts]), t([d for _, d in starts]), t([n for n, _ in ends]),
+                    t([d for _, d in ends]), t(plan.local_cu) if plan.local_cu is not None else None)
+
+
+def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass(frozen=True)
 class _Spec:
     plan: Plan
     kernel: ExplicitKernel
@@ -125,6 +156,9 @@ class _Spec:
     def scan(self) -> StateScan:
         return StateScan(self.method, self.family, self.plan.chain, self.plan.positions, self.group,
                          self.zeco_slices)
+
+    def indices(self, device) -> _Indices:
+        return _indices(self.plan, device)
 
     # the chain view: one row per kernel sequence (see plan.py) -------------------------------------
     def to_chain(self, x):
@@ -140,41 +174,38 @@ class _Spec:
         return x.reshape(p.B, p.n_local * p.L, *x.shape[2:])
 
     def call(self, q, k, v, g, beta) -> Call:
-        cu = self.plan.local_cu
-        cu_t = torch.tensor(cu, dtype=torch.int64, device=q.device) if cu is not None else None
-        return Call(*(self.to_chain(x) for x in (q, k, v, g, beta)), self.scale, cu_t)
+        return Call(*(self.to_chain(x) for x in (q, k, v, g, beta)), self.scale, self.indices(q.device).local_cu)
 
-    def per_shard(self, per_seq: torch.Tensor, which) -> torch.Tensor:
-        """[n_seqs, ...] -> [n_local, chain_rows, ...] picking each shard's first or last sequence."""
-        return torch.stack([per_seq[list(idx)] for idx in which])
+    @staticmethod
+    def per_shard(per_seq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """[n_seqs, ...] -> [n_local, rows, ...]: each shard's first or last sequences (idx)."""
+        return per_seq[idx]
 
-    def scatter(self, per_shard: torch.Tensor, which, n_seqs: int, mask=None) -> torch.Tensor:
-        """Inverse of per_shard: a [n_seqs, ...] tensor, zero except at the shards' sequences."""
+    @staticmethod
+    def scatter(per_shard: torch.Tensor, idx: torch.Tensor, n_seqs: int, mask=None) -> torch.Tensor:
+        """Inverse of per_shard: [n_seqs, ...], zero except at the shards' sequences (where mask)."""
+        if mask is not None:
+            per_shard = torch.where(_rows_mask(mask, per_shard), per_shard, torch.zeros_like(per_shard))
         out = per_shard.new_zeros((n_seqs,) + tuple(per_shard.shape[2:]))
-        for i, idx in enumerate(which):
-            if mask is None or mask[i]:
-                out[list(idx)] += per_shard[i]
-        return out
+        return out.index_add_(0, idx.flatten(), per_shard.flatten(0, 1))
 
-    def state_zeros(self, call: Call, dtype, cols: int | None = None):
+    def state_zeros(self, call: Call, dtype):
         H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[3]
-        return torch.zeros(len(self.plan.seqs), H, K, cols or V, dtype=dtype, device=call.q.device)
+        return torch.zeros(len(self.plan.seqs), H, K, V, dtype=dtype, device=call.q.device)
 
     def known_initial(self, call: Call, initial_state, dtype):
         """Initial state of every kernel sequence that starts a document (others zero)."""
         h0 = self.state_zeros(call, dtype)
         if initial_state is not None:
-            for n, s in enumerate(self.plan.seqs):
-                if s.start_doc is not None:
-                    h0[n] = initial_state[s.start_doc]
+            ix = self.indices(h0.device)
+            h0.index_copy_(0, ix.starts, initial_state[ix.start_docs].to(dtype))
         return h0
 
     def docs_final(self, fin):
         """Final states of the documents that end on this rank, summed over ranks: [n_docs, H, K, V]."""
+        ix = self.indices(fin.device)
         out = fin.new_zeros((self.plan.n_docs,) + tuple(fin.shape[1:]))
-        for n, s in enumerate(self.plan.seqs):
-            if s.end_doc is not None:
-                out[s.end_doc] = fin[n]
+        out.index_copy_(0, ix.end_docs, fin[ix.ends])
         return C.all_reduce_sum(out, self.group)
 
     def known_final_grad(self, call, dfinal, dtype):
@@ -182,42 +213,33 @@ class _Spec:
         dht = self.state_zeros(call, dtype)
         if self.output_final_state and dfinal is not None:
             total = C.all_reduce_sum(dfinal.to(dtype), self.group)
-            for n, s in enumerate(self.plan.seqs):
-                if s.end_doc is not None:
-                    dht[n] = total[s.end_doc]
+            ix = self.indices(dht.device)
+            dht.index_copy_(0, ix.ends, total[ix.end_docs])
         return dht
 
     def initial_grad(self, dh0_seq, like):
         """This rank's share of d(initial_state): the gradients of the sequences that start a document."""
         if like is None:
             return None
-        d = torch.zeros_like(like)
-        for n, s in enumerate(self.plan.seqs):
-            if s.start_doc is not None:
-                d[s.start_doc] += dh0_seq[n].to(like.dtype)
-        return d
+        ix = self.indices(like.device)
+        return torch.zeros_like(like).index_add_(0, ix.start_docs, dh0_seq[ix.starts].to(like.dtype))
 
-
-def _transitions(spec: _Spec, call: Call, dtype):
-    """T of every local shard: [n_local, rows, H] (scalar), [.., H, K] (diagonal), [.., H, K, K] (dense);
-    zero for shards cut by a document boundary (their outgoing state ignores the incoming one)."""
-    plan = spec.plan
-    if spec.family.name == "dense":
-        per_seq = spec.kernel.transition(call).to(dtype)
-    else:
-        H, K = call.q.shape[2], call.q.shape[3]
-        per_seq = []
-        for s in plan.seqs:
-            if call.g is None:
-                per_seq.append(torch.ones(H, device=call.q.device, dtype=dtype))
-            else:
-                per_seq.append(call.g[s.row, s.start:s.end].to(torch.float64).sum(0).exp().to(dtype))
-        per_seq = torch.stack(per_seq)
-        if spec.family.name == "diagonal" and per_seq.dim() == 2:
-            per_seq = per_seq[..., None].expand(-1, -1, K)
-    T = spec.per_shard(per_seq, plan.first)
-    whole = torch.tensor(plan.whole, device=T.device).view(-1, *([1] * (T.dim() - 1)))
-    return torch.where(whole, T, torch.zeros_like(T))
+    def transitions(self, call: Call, dense_per_seq, dtype):
+        """T of every local shard: [n_local, rows, H] (scalar), [.., H, K] (diagonal), [.., H, K, K]
+        (dense, from the state pass); zero for shards cut by a document boundary (their outgoing state
+        ignores the incoming one)."""
+        if self.family.name == "dense":
+            per_seq = dense_per_seq.to(dtype)
+        elif call.g is None:
+            per_seq = torch.ones(len(self.plan.seqs), call.q.shape[2], dtype=dtype, device=call.q.device)
+        elif self.plan.local_cu is None:  # one kernel sequence per row: the decay of the whole row
+            per_seq = call.g.to(torch.float64).sum(1).exp().to(dtype)
+        else:
+            per_seq = torch.stack([call.g[s.row, s.start:s.end].to(torch.float64).sum(0).exp().to(dtype)
+                                   for s in self.plan.seqs])
+        ix = self.indices(per_seq.device)
+        T = self.per_shard(per_seq, ix.first)
+        return torch.where(_rows_mask(ix.whole, T), T, torch.zeros_like(T))
 
 
 def _on_side_stream(fn, device):
@@ -254,17 +276,22 @@ class _LinearAttentionSP(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, initial_state, spec: _Spec):
         plan, kernel = spec.plan, spec.kernel
         call = spec.call(q, k, v, g, beta)
+        ix = spec.indices(q.device)
         sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         n_seqs = len(plan.seqs)
         h0_known = spec.known_initial(call, initial_state, sdt)
-        T = _transitions(spec, call, sdt)
-        dS = spec.per_shard(kernel.final_state(call, h0_known).to(sdt), plan.last)
+        if spec.family.name == "dense":
+            fin, M = kernel.final_state_and_transition(call, h0_known)
+        else:
+            fin, M = kernel.final_state(call, h0_known), None
+        T = spec.transitions(call, M, sdt)
+        dS = spec.per_shard(fin.to(sdt), ix.last)
         scan = spec.scan()
         S_in = _on_side_stream(lambda: scan.forward(T, dS), q.device)
         incoming = {}
 
         def h0_late():
-            incoming["h0"] = spec.scatter(S_in(), plan.first, n_seqs, plan.continues)
+            incoming["h0"] = spec.scatter(S_in(), ix.first, n_seqs, ix.continues)
             return incoming["h0"]
 
         o, fin = kernel.forward(call, h0_known, h0_late)
@@ -278,14 +305,14 @@ class _LinearAttentionSP(torch.autograd.Function):
         q, k, v, g, beta, initial_state, h0, T = ctx.saved_tensors
         spec, scan, plan, kernel = ctx.spec, ctx.scan, ctx.spec.plan, ctx.spec.kernel
         call = spec.call(q, k, v, g, beta)
+        ix = spec.indices(q.device)
         do = spec.to_chain(do.contiguous())
         sdt = h0.dtype
         dht = spec.known_final_grad(call, dfinal, sdt)
-        D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), plan.first)
-        keep = torch.tensor(plan.continues, device=D.device).view(-1, *([1] * (D.dim() - 1)))
-        D = torch.where(keep, D, torch.zeros_like(D))
+        D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), ix.first)
+        D = torch.where(_rows_mask(ix.continues, D), D, torch.zeros_like(D))
         Y = _on_side_stream(lambda: scan.backward(D, T), q.device)
-        gr = kernel.backward(call, h0, do, dht, lambda: spec.scatter(Y(), plan.last, len(plan.seqs)))
+        gr = kernel.backward(call, h0, do, dht, lambda: spec.scatter(Y(), ix.last, len(plan.seqs)))
         d_init = spec.initial_grad(gr.dh0, initial_state)
         return (spec.from_chain(gr.dq), spec.from_chain(gr.dk), spec.from_chain(gr.dv), spec.from_chain(gr.dg),
                 spec.from_chain(gr.dbeta), d_init, None)

@@ -329,6 +329,43 @@ def final_state(call: Call, h0):
     return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
 
 
+def final_state_and_transition(call: Call, h0):
+    """(ht, M) of every sequence from one pass: each segment of chunks from zero with its dense K x K
+    transition (what the segmented state pass computes anyway), then composed in order in fp32,
+    S <- M_s S + F_s and M <- M_s M. Saves the second full pass that M alone would cost."""
+    L = _layout(call)
+    wy = _prep(L, store_u=True, store_t=False)
+    seg_chunks = CONFIG["state_seg_chunks"]
+    seg, _, n_seg, _ = _segment_plan(L.bounds, seg_chunks, L.q.device)
+    f32 = torch.float32
+    fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32)
+    m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
+    _pass(L, wy, seg, n_seg, forward=True, with_m=True, fout=fsum, m=m, bv=CONFIG["state_bv"],
+          stages=CONFIG["state_stages"])
+    first = _segments_per_document(L.bounds, seg_chunks)
+    eye = torch.eye(L.K, dtype=f32, device=m.device).expand(L.H, L.K, L.K)
+    hts, Ms = [], []
+    for n in range(L.N):
+        S = h0[n].to(f32) if h0 is not None else torch.zeros(L.H, L.K, L.V, dtype=f32, device=m.device)
+        M = eye
+        for s in range(first[n], first[n + 1]):
+            S = torch.baddbmm(fsum[s], m[s], S)
+            M = torch.bmm(m[s], M)
+        hts.append(S)
+        Ms.append(M)
+    return torch.stack(hts), torch.stack(Ms)
+
+
+def _segments_per_document(bounds, seg_chunks: int) -> list[int]:
+    """Index of each document's first segment (as _segment_plan cuts them), plus the total."""
+    first = [0]
+    for s, e in zip(bounds, bounds[1:]):
+        nt = -(-(e - s) // CHUNK)
+        step = seg_chunks if seg_chunks > 0 else nt
+        first.append(first[-1] + -(-nt // step))
+    return first
+
+
 def state_grad(call: Call, do, dht):
     L = _layout(call)
     do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
