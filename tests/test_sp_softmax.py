@@ -212,6 +212,34 @@ def test_tiles_never_hold_an_empty_row():
                     assert max(lo, 0) <= min(hi, nk - 1), (mask, t, r)
 
 
+def test_tiles_cover_the_mask_exactly_in_flash_terms():
+    """The tiles of a block pair see exactly the (query, key) pairs the mask allows, each once, and
+    a banded tile never has more queries than keys (FlashAttention's varlen kernels read an open or
+    over-wide band side as the number of keys, so such a tile would lose rows on the GPU)."""
+    T = 24
+    for mask in [blockwise.Mask(True, w, cu) for w in (None, 1, 4, 9) for cu in (None, (0, 5, 6, 17, 24))]:
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+        want = (j <= i) & ((i - j < mask.window) if mask.window else True)
+        if mask.cu_seqlens:
+            doc = torch.bucketize(torch.arange(T), torch.tensor(mask.cu_seqlens[1:]), right=True)
+            want &= doc[:, None] == doc[None]
+        for (q0, nq), (k0, nk) in itertools.product([(0, 11), (11, 13), (3, 7)], [(0, 3), (3, 8), (11, 13), (0, 24)]):
+            got = torch.zeros(T, T, dtype=torch.long)
+            for t in blockwise.tiles(mask, q0, q0 + nq, k0, k0 + nk):
+                tq, tk = t.q1 - t.q0, t.k1 - t.k0
+                assert (t.left is None and t.right is None) or tq <= tk, (mask, t)
+                r, c = torch.arange(tq)[:, None], torch.arange(tk)[None]
+                ok = torch.ones(tq, tk, dtype=torch.bool)
+                if t.right is not None:
+                    ok &= c <= r + tk - tq + t.right
+                if t.left is not None:
+                    ok &= c >= r + tk - tq - t.left
+                got[t.q0:t.q1, t.k0:t.k1] += ok
+            block = torch.zeros(T, T, dtype=torch.bool)
+            block[q0:q0 + nq, k0:k0 + nk] = True
+            assert torch.equal(got, (want & block).long()), (mask, q0, nq, k0, nk)
+
+
 # ---- the GPU benchmark runs end to end on CPU ranks (a smoke test; its numbers come from GPUs) ----------
 def bench_on_rank(rank, world_size, out):
     from seqpar.bench import softmax as bench_softmax

@@ -43,7 +43,7 @@ def tokens(T: int, vocab: int, packed: bool, seed: int, device):
     return ids, labels, cu
 
 
-def run_parity(device, report) -> bool:
+def run_parity(device, report, only=tuple(n for n, _, _ in PARITY_LAYOUTS)) -> bool:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -55,6 +55,8 @@ def run_parity(device, report) -> bool:
     ok = True
     T = 64
     for name, sizes, schedule in PARITY_LAYOUTS:
+        if name not in only:
+            continue
         initialize_model_parallel(parity_model("LLLS", "gla"), seq_len=T, layout="zigzag", **sizes)
         model_parallel_cuda_manual_seed(1234)
         for pattern, variant in (("LLLS", "gated_delta_rule"), ("L", "gla")):
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="training steps")
     p.add_argument("--train-backend", default="auto", help="kernel backend of the training steps (auto: Triton)")
     p.add_argument("--train-seq-len", type=int, default=2048, help="tokens per sequence in the training steps")
+    p.add_argument("--parallel", nargs="+", default=[n for n, _, _ in PARITY_LAYOUTS],
+                   choices=[n for n, _, _ in PARITY_LAYOUTS], help="which parity layouts to check")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_check needs CUDA GPUs (megatron-core's schedules do); launch with torchrun on a GPU machine")
@@ -155,7 +159,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda", local)
     report = dict(device=torch.cuda.get_device_name(local), gpus=dist.get_world_size(), torch=torch.__version__,
                   megatron_core=megatron.core.__version__, python=sys.version.split()[0], parity=[], train=None)
-    ok = run_parity(device, report)
+    ok = run_parity(device, report, args.parallel)
     ok &= run_training(device, report, args.steps, args.train_backend, args.train_seq_len)
     report["passed"] = bool(ok)
     if dist.get_rank() == 0:

@@ -72,30 +72,47 @@ class Tile:
 def tiles(mask: Mask, q0: int, q1: int, k0: int, k1: int) -> tuple[Tile, ...]:
     """The non-empty tiles of queries [q0, q1) against keys [k0, k1); () if the mask hides the pair."""
     out = []
-    w = mask.window
     for ds, de in mask.documents(q0, q1):
         qa, qb, ka, kb = max(q0, ds), min(q1, de), max(k0, ds), min(k1, de)
-        left = right = None
-        if mask.causal:
-            kb = min(kb, qb)                # no key after the last query
-            if w is not None:
-                ka = max(ka, qa - w + 1)    # no key before the first query's window
-            if ka >= kb:
-                continue
-            qa = max(qa, ka)                # queries before the first key see none of it
-            if w is not None:
-                qb = min(qb, kb - 1 + w)    # queries whose window ends before the last key
-            if qa >= qb:
-                continue
-            # j <= i  <=>  col <= row + (nk - nq) + (qb - kb);  i - j < w  <=>  left = w - 1 - (qb - kb)
-            right = qb - kb
-            left = None if w is None else w - 1 - right
-            right = None if right >= qb - qa - 1 else right
-            left = None if left is not None and left >= kb - ka - 1 else left
-        elif ka >= kb or qa >= qb:
+        if not mask.causal:
+            if ka < kb and qa < qb:
+                out.append(Tile(qa, qb, ka, kb, None, None))
             continue
-        out.append(Tile(qa, qb, ka, kb, left, right))
+        # FlashAttention reads a band side left open, or wider than the keys, as "the number of
+        # keys", which cuts rows off when a banded tile has more queries than keys: cut such tiles
+        # into runs of queries no longer than their keys (each run re-cropped, so repeat).
+        todo = [_causal_tile(qa, qb, ka, kb, mask.window)]
+        while todo:
+            t = todo.pop(0)
+            if t is None:
+                continue
+            nq, nk = t.q1 - t.q0, t.k1 - t.k0
+            if (t.left is None and t.right is None) or nq <= nk:
+                out.append(t)
+            else:
+                todo[:0] = [_causal_tile(a, min(a + nk, t.q1), t.k0, t.k1, mask.window) for a in range(t.q0, t.q1, nk)]
     return tuple(out)
+
+
+def _causal_tile(qa: int, qb: int, ka: int, kb: int, w: int | None) -> Tile | None:
+    """Queries [qa, qb) x keys [ka, kb) of one document, causal with an optional window, cropped to
+    the rows and columns that see something."""
+    kb = min(kb, qb)                # no key after the last query
+    if w is not None:
+        ka = max(ka, qa - w + 1)    # no key before the first query's window
+    if ka >= kb:
+        return None
+    qa = max(qa, ka)                # queries before the first key see none of it
+    if w is not None:
+        qb = min(qb, kb - 1 + w)    # queries whose window ends before the last key
+    if qa >= qb:
+        return None
+    # j <= i  <=>  col <= row + (nk - nq) + (qb - kb);  i - j < w  <=>  left = w - 1 - (qb - kb)
+    right = qb - kb
+    left = None if w is None else w - 1 - right
+    right = None if right >= qb - qa - 1 else right
+    left = None if left is not None and left >= kb - ka - 1 else left
+    return Tile(qa, qb, ka, kb, left, right)
 
 
 def key_hull(mask: Mask, q0: int, q1: int, k0: int, k1: int) -> tuple[int, int] | None:

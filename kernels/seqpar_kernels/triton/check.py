@@ -204,7 +204,7 @@ def main(argv=None) -> int:
             line = f"{'PASS' if ok else 'FAIL'} {case.label()}  max rel err {errs[worst]:.2e} ({worst}) tol {tol:.0e}"
         except InputError as e:  # a configuration the kernels refuse up front, with a clear message
             errs, ok, line = {}, True, f"RESTRICTED {case.label()}  {e}"
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - a crash (e.g. Triton's OutOfResources) fails this case only
             errs, ok, line = {}, False, f"FAIL {case.label()}  {type(e).__name__}: {e}"
         failed += not ok
         rows.append({"case": asdict(case), "errors": errs, "tolerance": tol, "pass": ok,
@@ -227,7 +227,7 @@ def _run_parallel(args) -> int:
     import tempfile
 
     tmp = tempfile.mkdtemp()
-    procs, pending, failed, merged = {}, list(args.variants), 0, None
+    procs, pending, failed, merged, lost = {}, list(args.variants), 0, None, []
     while pending or procs:
         while pending and len(procs) < args.jobs:
             v = pending.pop(0)
@@ -246,10 +246,12 @@ def _run_parallel(args) -> int:
             failed += sum(not c["pass"] for c in part["cases"])
         else:
             failed += 1
+            lost.append(v)
             print(f"FAIL {v}: the check process wrote no results")
     if merged is not None:
         n = len(merged["cases"])
-        print(f"all variants: {n - sum(not c['pass'] for c in merged['cases'])}/{n} cases passed")
+        print(f"all variants: {n - sum(not c['pass'] for c in merged['cases'])}/{n} cases passed"
+              + (f"; no results from {', '.join(lost)} (FAIL)" if lost else ""))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(merged, f, indent=1)

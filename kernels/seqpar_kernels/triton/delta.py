@@ -252,9 +252,14 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
-        # pipelined stages hold fp32 tiles of twice the bytes: on Hopper fp32 inputs with 3 stages
-        # needed 337 KB of shared memory (limit 227 KB); one stage needs about 100 KB
-        num_warps=CONFIG["chain_warps"], num_stages=stages if L.K <= 128 and L.q.element_size() <= 2 else 1)
+        num_warps=CONFIG["chain_warps"], num_stages=_stages(L, stages))
+
+
+def _stages(L: _Layout, stages: int) -> int:
+    """Software-pipeline depth for 16-bit inputs at K <= 128; else 1: pipelined stages of fp32 tiles
+    (or K = 256) overflow Hopper's 227 KB of shared memory (the H100 check measured 337 KB for the
+    chains at 3 stages and 288 KB for bwd_dqk and bwd_wy at 2)."""
+    return stages if L.K <= 128 and L.q.element_size() <= 2 else 1
 
 
 def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
@@ -392,7 +397,7 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
         L.q, L.k, gc, h, vn, do, dh, dvn, dq, dk_part, dw, dg_part, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=bk, BV=min(_pow2(L.V), CONFIG["dqk_bv"]), IS_VARLEN=L.varlen, USE_G=use_g,
-        num_warps=CONFIG["dqk_warps"], num_stages=CONFIG["dqk_stages"])
+        num_warps=CONFIG["dqk_warps"], num_stages=_stages(L, CONFIG["dqk_stages"]))
     dk = L.new(L.rows, L.H, L.K)
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
@@ -401,6 +406,6 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
         L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
-        IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"], num_stages=CONFIG["wy_stages"])
+        IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"], num_stages=_stages(L, CONFIG["wy_stages"]))
     return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
                  _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)
