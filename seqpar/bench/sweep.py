@@ -468,6 +468,8 @@ def draw_plots(sweep: Sweep, records: list, plot_dir: Path) -> list[Path]:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if spec.get("logy"):
             ax.set_yscale("log")
+        elif all(y >= 0 for pts in measured.values() for _, y in pts):
+            ax.set_ylim(bottom=0)  # a linear axis from zero: a 6% drop should look like one
         ax.set_xlabel(spec.get("xlabel", spec["x"]))
         ax.set_ylabel(spec.get("ylabel", spec["y"]))
         ax.set_title(spec.get("title", f"{sweep.name}: {spec['y']} vs {spec['x']}"), fontsize=9)
