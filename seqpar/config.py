@@ -66,6 +66,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0: off
     checkpointing: str = choice("none", ("none", "full"))  # activation checkpointing: full recomputes each block
+    mlp_chunk: int = positive(0, allow_zero=True)  # MLP computed this many local tokens at a time (0: at once)
     precision: str = choice("fp32", ("fp32", "bf16-autocast", "bf16"))
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     seed: int = 1234
@@ -287,6 +288,9 @@ def check(config: Config, world_size: int | None = None) -> None:
     if t.engine == "megatron" and config.checkpoint.resume not in ("auto", "none"):
         raise ConfigError("checkpoint.resume: train.engine: megatron writes no seqpar checkpoints (use Megatron-LM's "
                           "--save/--load with seqpar's layer spec); set checkpoint.resume: none")
+    if t.engine == "megatron" and t.mlp_chunk:
+        raise ConfigError("train.mlp_chunk applies to seqpar's own blocks (engines native and deepspeed); Megatron "
+                          "builds its own MLP: set train.mlp_chunk=0 with train.engine: megatron")
     if t.engine == "megatron" and t.nonfinite == "skip":
         raise ConfigError("train.nonfinite: skip is not available with train.engine: megatron; use stop")
     if t.engine == "deepspeed" and t.nonfinite == "skip":

@@ -94,13 +94,18 @@ def test_plain_model_sp_matches_one_process(P):
     assert all(n > 0 for n in run_ranks(sp_cases, P))
 
 
-def test_activation_checkpointing_same_gradients():
-    config = tiny_config("LL", "gla")
+@pytest.mark.parametrize("checkpointed,mlp_chunk", [(True, 0), (True, 5), (False, 7)])
+def test_activation_checkpointing_and_mlp_chunks_same_gradients(checkpointed, mlp_chunk):
+    """Recomputing blocks, and computing the MLP a few tokens at a time (odd chunks, the last one
+    short; nested in the block's checkpoint or alone), change no number."""
+    config = tiny_config("LS", "gla")
     ids, targets, cu = problem(1, True, L=6)
     _, _, loss_ref, g_ref = reference(config, ids, targets, cu, seed=3)
     torch.manual_seed(3)
     model = HybridLM(config).double()
-    model.set_activation_checkpointing(True)
+    model.set_activation_checkpointing(checkpointed)
+    model.set_mlp_token_chunk(mlp_chunk)
+    assert mlp_chunk == 0 or ids.shape[1] > mlp_chunk
     loss = loss_of(model, model(ids, cu_seqlens=cu), targets, targets.numel())
     loss.backward()
     assert rel_err(loss, loss_ref) < TOL

@@ -50,6 +50,7 @@ BAD = [
     (["train.seq_len=130"], "train.seq_len = 130 must be divisible by 4 (2 x parallel.sp = 2 for the zigzag layout)"),
     (["parallel.tp=2"], "tensor and pipeline parallelism run on train.engine: megatron"),
     (["train.engine=deepspeed", "train.nonfinite=skip"], "train.nonfinite: skip is not available with"),
+    (["train.engine=megatron", "train.mlp_chunk=4096"], "train.mlp_chunk applies to seqpar's own blocks"),
     (["train.min_lr=1"], "train.min_lr = 1.0 must be between 0 and train.lr"),
     (["data.task=text"], "data.path is required for data.task: text"),
     (["data.num_pairs=20"], "data.num_pairs = 20: the 40 pair tokens must fit in the first of 4 parts"),

@@ -82,6 +82,11 @@ class HybridLM(nn.Module):
         for block in self.blocks:
             block.checkpointed = enabled
 
+    def set_mlp_token_chunk(self, tokens: int) -> None:
+        """Compute every block's MLP `tokens` tokens at a time (0: all at once); see SwiGLU."""
+        for block in self.blocks:
+            block.mlp.token_chunk = tokens
+
     def flops_per_token(self, seq_len: int) -> float:
         return self.config.flops_per_token(seq_len)
 

@@ -58,6 +58,7 @@ def build_model(config: cfg.Config, parallel: ParallelContext, device: torch.dev
     lm = HybridLM(config.model, parallel)
     if config.train.checkpointing != "none":
         lm.set_activation_checkpointing(True)
+    lm.set_mlp_token_chunk(config.train.mlp_chunk)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     return LMWithLoss(lm, config.train.ce_chunk).to(device=device, dtype=dtype)
 
