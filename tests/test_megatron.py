@@ -5,7 +5,6 @@ hybrid patterns, both layouts, a batch of 2 and packed documents (packed_seq_par
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.distributed as dist
 
 pytest.importorskip("megatron.core")

@@ -23,6 +23,8 @@ import torch
 
 from seqpar.env import package_version
 
+from .timing import kernel_breakdown
+
 DEFAULT_VARIANTS = ["linear_attn", "lightning", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
 CHUNK = 64
 
@@ -117,18 +119,6 @@ def lift_fla_hopper_guard() -> None:
         chunk_o.TRITON_ABOVE_3_7_1 = True
     except (ImportError, AttributeError):
         pass
-
-
-def kernel_breakdown(fn) -> list[dict]:
-    """Device time of every kernel in one call of fn, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    rows = [{"kernel": e.key[:80], "ms": getattr(e, "device_time_total", 0.0) / 1e3, "calls": e.count}
-            for e in prof.key_averages()]
-    return sorted([r for r in rows if r["ms"] > 0], key=lambda r: -r["ms"])
 
 
 def time_backend(variant: str, backend: str, x: dict, rep_ms: float, profile: bool = False) -> dict:

@@ -30,7 +30,7 @@ from seqpar_kernels.backends import resolve
 from seqpar_kernels.explicit import Call, explicit_kernel
 from seqpar_kernels.testing import random_inputs, rel_err
 
-from .timing import init_distributed, median_ms
+from .timing import kernel_breakdown, init_distributed, median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,6 +51,8 @@ def configure(parser) -> None:
     parser.add_argument("--check", action="store_true", help="compare with the single-device kernel first")
     parser.add_argument("--check-t-local", type=int, default=4096)
     parser.add_argument("--no-fla", action="store_true", help="skip fla's context-parallel anchor")
+    parser.add_argument("--profile", action="store_true",
+                        help="record every kernel's device time in one SP call per row (CUDA; torch.profiler)")
     parser.add_argument("--out", default="sp_bench.json", help="JSON output (written by rank 0)")
     parser.set_defaults(func=main)
 
@@ -248,6 +250,10 @@ def main(args) -> int:
                     row = {"variant": variant, "method": method, "layout": layout, "t_local": t_local, "P": P,
                            "single_ms": t_single, "sp_ms": t_sp, "efficiency": t_single / t_sp,
                            **parts, "exposed_ms": exposed}
+                    if args.profile and device.type == "cuda":
+                        # kernels summed (side-stream ones overlap) against sp_ms: the rest is the GPU idle
+                        kernels = kernel_breakdown(run)
+                        row["profile"] = {"kernels_ms_sum": sum(r["ms"] for r in kernels), "top": kernels[:15]}
                     results.append(row)
                     save()
                     if rank == 0:

@@ -48,3 +48,15 @@ def median_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> fl
     med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
     return med.item()
+
+
+def kernel_breakdown(fn) -> list[dict]:
+    """Device time of every kernel in one call of fn (CUDA), largest first: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key[:80], "ms": getattr(e, "device_time_total", 0.0) / 1e3, "calls": e.count}
+            for e in prof.key_averages()]
+    return sorted([r for r in rows if r["ms"] > 0], key=lambda r: -r["ms"])
