@@ -50,7 +50,8 @@ def reference(variant, x, cu, do, dht_total):
     return o.detach(), ht.detach(), {n: t.grad for n, t in leaves.items()}
 
 
-def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0):
+def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0, backend="torch",
+               dtype=torch.float64, tol=TOL):
     group = dist.group.WORLD
     x, cu, do, dht = full_problem(variant, P, packed, with_h0, seed, L)
     o_ref, ht_ref, g_ref = reference(variant, x, cu, do, sum(dht))
@@ -60,13 +61,13 @@ def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0):
 
     # per-token tensors are sharded; initial_state and lightning's per-head decay are replicated
     replicated = {"initial_state"} | ({"g"} if variant == "lightning" else set())
-    leaves = {n: (t if n in replicated else local(t)).detach().clone().requires_grad_()
+    leaves = {n: (t if n in replicated else local(t)).detach().to(dtype).requires_grad_()
               for n, t in x.tensors().items()}
     o, ht = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
                                 beta=leaves.get("beta"), initial_state=leaves.get("initial_state"),
                                 output_final_state=True, cu_seqlens=cu, group=group, method=method,
-                                layout=layout, backend="torch", zeco_slices=3)
-    torch.autograd.backward([o, ht], [local(do), dht[rank]])
+                                layout=layout, backend=backend, zeco_slices=3)
+    torch.autograd.backward([o, ht], [local(do).to(dtype), dht[rank].to(ht.dtype)])
     what = f"{variant}/{method}/{layout}/P={P}/{'packed' if packed else 'B=2'}/h0={with_h0}"
     errs = {"o": rel_err(o, local(o_ref)), "ht": rel_err(ht, ht_ref)}
     for n, leaf in leaves.items():
@@ -77,7 +78,7 @@ def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0):
         else:
             want = local(g_ref[n])
         errs["d" + n] = rel_err(got, want)
-    bad = {k: v for k, v in errs.items() if not v < TOL}
+    bad = {k: v for k, v in errs.items() if not v < tol}
     return what, bad
 
 
@@ -116,6 +117,23 @@ def longer_cases(rank, P):
 
 def test_sp_multi_chunk_shards():
     assert not any(run_ranks(longer_cases, 2))
+
+
+def triton_cases(rank, P):
+    """The Triton kernels under SP (fp32; the interpreter on CPU): the state pass and the kernel
+    share their start-independent work through Call.memo, in forward and in backward."""
+    fails = []
+    for variant in ["simple_gla", "gla", "gated_delta_rule"]:
+        for method, layout, packed in [("lasp2", "zigzag", True), ("zeco", "contiguous", False)]:
+            what, bad = check_case(rank, P, variant, method, layout, packed, True, L=70, seed=4, backend="triton",
+                                   dtype=torch.float32, tol=1e-4)
+            if bad:
+                fails.append(f"{what}: {bad}")
+    return fails
+
+
+def test_sp_with_triton_kernels():
+    assert not any(run_ranks(triton_cases, 2, timeout=600))
 
 
 # ---- what crosses the wire ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import seqpar_kernels as sk  # noqa: E402
-from seqpar_kernels.explicit import ExplicitKernel, plus_late  # noqa: E402
+from seqpar_kernels.explicit import Call, ExplicitKernel, plus_late  # noqa: E402
 from seqpar_kernels.triton import TritonKernel, family, gated  # noqa: E402
 from seqpar_kernels.triton.check import TOLERANCE, Case, run_case  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -103,6 +103,43 @@ def test_strong_gates_stay_finite():
                              output_final_state=True)
     assert torch.isfinite(o).all() and torch.isfinite(ht).all()
     assert sk.testing.rel_err(o, o_ref) < 1e-4 and sk.testing.rel_err(ht, ht_ref) < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["simple_gla", "gla", "delta_rule", "gated_delta_rule"])
+def test_memo_shares_the_state_pass_with_the_kernel(variant):
+    """The SP order on one Call with a memo: a state pass, then the kernel with the start state
+    late. The kernel reuses the pass's start-independent work (the memo is used up) and gives the
+    same numbers, bit for bit, as the plain call with the whole start state."""
+    from seqpar_kernels.testing import random_inputs
+
+    x = random_inputs(variant, B=1, T=150, H=2, K=16, V=8, dtype=torch.float32, initial_state=True, seed=5)
+    h0, kern = x.initial_state.float(), TritonKernel()
+    gen = torch.Generator().manual_seed(6)
+    do, dht = torch.randn(x.v.shape, generator=gen), torch.randn(h0.shape, generator=gen)
+
+    def call(memo):
+        return Call(x.q, x.k, x.v, x.g, x.beta, 16 ** -0.5, memo=memo)
+
+    o, ht = kern.forward(call(None), h0)
+    gr = kern.backward(call(None), h0, do, dht)
+    memo, zero = {}, torch.zeros_like(h0)
+    c = call(memo)
+    if "delta" in variant:
+        kern.final_state_and_transition(c, zero)
+    else:
+        kern.final_state(c, zero)
+    assert memo, "the state pass kept nothing for the kernel"
+    o2, ht2 = kern.forward(c, zero, lambda: h0)
+    assert not memo, "the forward did not use what the state pass kept"
+    c = call(memo)
+    kern.state_grad(c, do, zero)
+    assert memo
+    gr2 = kern.backward(c, h0, do, zero, lambda: dht)
+    assert not memo
+    assert torch.equal(o, o2) and torch.equal(ht, ht2)
+    for name in ("dq", "dk", "dv", "dg", "dbeta", "dh0"):
+        a, b = getattr(gr, name), getattr(gr2, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
 
 
 def test_float64_is_refused_with_advice():

@@ -15,12 +15,17 @@ through this interface rather than through autograd. Every backend provides one:
 (added to h0 / dht) that is still being exchanged between ranks when the call starts: a kernel
 that can do the work independent of it first (e.g. the state recurrence from zero) calls it only
 then, so the exchange overlaps that work. The default resolves it at once.
+
+`Call.memo` (a dict, or None) lets the entry points called on one Call share work: the SP layer
+runs a state pass and then the kernel on the same Call, and the h0-independent part of the state
+pass (the Triton kernels' segment-local states, the delta rules' WY preparation) is what the
+kernel would compute again; a backend may keep it there for the next entry point.
 Arguments are already checked and normalised (variants.normalize_inputs); h0 / dht may be None.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -38,6 +43,7 @@ class Call:
     beta: torch.Tensor | None
     scale: float
     cu_seqlens: torch.Tensor | None = None
+    memo: dict | None = field(default=None, compare=False, repr=False)  # see the module docstring
 
     @property
     def n_states(self) -> int:

@@ -174,7 +174,9 @@ class _Spec:
         return x.reshape(p.B, p.n_local * p.L, *x.shape[2:])
 
     def call(self, q, k, v, g, beta) -> Call:
-        return Call(*(self.to_chain(x) for x in (q, k, v, g, beta)), self.scale, self.indices(q.device).local_cu)
+        # memo: the state pass and the kernel run on this one Call share their start-independent work
+        return Call(*(self.to_chain(x) for x in (q, k, v, g, beta)), self.scale, self.indices(q.device).local_cu,
+                    memo={})
 
     @staticmethod
     def per_shard(per_seq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

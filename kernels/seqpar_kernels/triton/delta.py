@@ -224,6 +224,21 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
     return _WY(gc, w, u, t, dvl)
 
 
+def _wy(call: Call, L: _Layout, key: str, *, keep: bool, tag=None, **prep) -> _WY:
+    """_prep(L, **prep), or what a state pass run first on this Call kept in its memo (the WY
+    preparation does not depend on the start state; see explicit.py, Call.memo). `tag` must match
+    too (a backward's do). keep: leave the result for the kernel called next on the same Call."""
+    memo = call.memo
+    if memo is not None:
+        kept = memo.pop(key, None)
+        if kept is not None and kept[0] is tag:
+            return kept[1]
+    wy = _prep(L, **prep)
+    if keep and memo is not None:
+        memo[key] = (tag, wy)
+    return wy
+
+
 @dataclass
 class _States:
     h: torch.Tensor | None = None  # state at every chunk start [n_chunks, H, K, V]
@@ -317,7 +332,7 @@ def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
 
 def forward(call: Call, h0, h0_late=None):
     L = _layout(call)
-    wy = _prep(L, store_u=True, store_t=False)
+    wy = _wy(call, L, "forward", keep=False, store_u=True, store_t=False)
     st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])
@@ -330,7 +345,7 @@ def forward(call: Call, h0, h0_late=None):
 
 def final_state(call: Call, h0):
     L = _layout(call)
-    wy = _prep(L, store_u=True, store_t=False)
+    wy = _wy(call, L, "forward", keep=True, store_u=True, store_t=False)
     return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
 
 
@@ -339,7 +354,7 @@ def final_state_and_transition(call: Call, h0):
     transition (what the segmented state pass computes anyway), then composed in order in fp32,
     S <- M_s S + F_s and M <- M_s M. Saves the second full pass that M alone would cost."""
     L = _layout(call)
-    wy = _prep(L, store_u=True, store_t=False)
+    wy = _wy(call, L, "forward", keep=True, store_u=True, store_t=False)
     seg_chunks = CONFIG["state_seg_chunks"]
     seg, _, n_seg, _ = _segment_plan(L.bounds, seg_chunks, L.q.device)
     f32 = torch.float32
@@ -373,15 +388,16 @@ def _segments_per_document(bounds, seg_chunks: int) -> list[int]:
 
 def state_grad(call: Call, do, dht):
     L = _layout(call)
-    do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
-    wy = _prep(L, store_u=False, store_t=False, do=do)
+    do_in, do = do, do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
+    full = call.memo is not None  # then the preparation is the backward's, kept for it
+    wy = _wy(call, L, "backward", keep=True, tag=do_in, store_u=full, store_t=full, do=do)
     return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
 
 
 def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     L = _layout(call)
-    do = do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
-    wy = _prep(L, store_u=True, store_t=True, do=do)
+    do_in, do = do, do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
+    wy = _wy(call, L, "backward", keep=False, tag=do_in, store_u=True, store_t=True, do=do)
     st = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=plus_late(dht, dht_late))
     h, vn, dh, dvn = st.h, st.vn, st.dh, st.dvn
     use_g = L.g is not None

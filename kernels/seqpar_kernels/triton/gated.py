@@ -631,7 +631,24 @@ def _fp16_per_key(call: Call) -> bool:
 
 
 def _widened(call: Call) -> Call:
-    return replace(call, q=call.q.float(), k=call.k.float(), v=call.v.float())
+    return replace(call, q=call.q.float(), k=call.k.float(), v=call.v.float(), memo=None)
+
+
+def _segment_states(st: _Setup, call: Call, key: str, x, y, reverse: bool, keep: bool, tag=None):
+    """st.state_pass(x, y) with the chunk states, or what an earlier entry point on this Call kept
+    in its memo: the segment-local pass does not depend on the start state, so a state pass run
+    first (the SP summary) and the kernel after it share one. `tag` must match too (a backward's do).
+    keep: a state pass alone (final_state, state_grad): with a memo it stores the chunk states and
+    keeps the result for the kernel; without one it needs no chunk states."""
+    memo = None if _fp16_per_key(call) else call.memo  # those forwards and backwards run widened calls
+    if memo is not None:
+        kept = memo.pop(key, None)
+        if kept is not None and kept[0] is tag and kept[1] is st.plan:
+            return kept[2]
+    out = st.state_pass(x, y, reverse=reverse, store=memo is not None or not keep)
+    if keep and memo is not None:
+        memo[key] = (tag, st.plan, out)
+    return out
 
 
 def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
@@ -640,22 +657,25 @@ def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
         o, ht = forward(_widened(call), h0, h0_late, segment_chunks=segment_chunks)
         return o.to(call.v.dtype), ht
     st = _Setup(call, segment_chunks)
-    states, cdec, seg_in, ht = st.states(st.k, st.v, h0, h0_late, reverse=False)
+    states, cdec, seg_state, seg_dec = _segment_states(st, call, "forward", st.k, st.v, reverse=False, keep=False)
+    seg_in, ht = st.scan(seg_state, seg_dec, plus_late(h0, h0_late), reverse=False, store_in=True)
     return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False), ht
 
 
 def final_state(call: Call, h0, *, segment_chunks: int | None = None):
-    """The final states alone: one pass over k, v (and g), no outputs."""
+    """The final states alone: one pass over k, v (and g), no outputs. With call.memo, the pass
+    also stores the chunk states and leaves them for a forward on the same Call."""
     st = _Setup(call, segment_chunks)
-    _, _, seg_state, seg_dec = st.state_pass(st.k, st.v, reverse=False, store=False)
+    _, _, seg_state, seg_dec = _segment_states(st, call, "forward", st.k, st.v, reverse=False, keep=True)
     return st.scan(seg_state, seg_dec, h0, reverse=False, store_in=False)[1]
 
 
 def state_grad(call: Call, do, dht, *, segment_chunks: int | None = None):
-    """d(initial state) alone: one reverse pass over q, do (and g)."""
+    """d(initial state) alone: one reverse pass over q, do (and g). With call.memo, the pass also
+    stores the chunk state gradients and leaves them for a backward with the same do."""
     st = _Setup(call, segment_chunks)
-    do = do.to(st.v.dtype).contiguous()
-    _, _, seg_state, seg_dec = st.state_pass(st.q, do, reverse=True, store=False)
+    do_in, do = do, do.to(st.v.dtype).contiguous()
+    _, _, seg_state, seg_dec = _segment_states(st, call, "reverse", st.q, do, reverse=True, keep=True, tag=do_in)
     return st.scan(seg_state, seg_dec, dht, reverse=True, store_in=False)[1]
 
 
@@ -664,9 +684,11 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
         gr = backward(_widened(call), h0, do.float(), dht, dht_late, segment_chunks=segment_chunks)
         return replace(gr, dq=gr.dq.to(call.q.dtype), dk=gr.dk.to(call.k.dtype), dv=gr.dv.to(call.v.dtype))
     st = _Setup(call, segment_chunks)
-    do = do.to(st.v.dtype).contiguous()
+    do_in, do = do, do.to(st.v.dtype).contiguous()
     states, cdec_f, seg_in, _ = st.states(st.k, st.v, h0, None, reverse=False)
-    dstates, cdec_r, seg_dout, dh0 = st.states(st.q, do, dht, dht_late, reverse=True)
+    dstates, cdec_r, seg_state, seg_dec = _segment_states(st, call, "reverse", st.q, do, reverse=True, keep=False,
+                                                          tag=do_in)
+    seg_dout, dh0 = st.scan(seg_state, seg_dec, plus_late(dht, dht_late), reverse=True, store_in=True)
     H, K, V = st.H, st.K, st.V
     gate_arg = st.g if st.g is not None else st.q
     bk, bv, launch = st.tiles("dqk")
