@@ -104,6 +104,7 @@ class LogConfig:
     tensorboard: str = choice("auto", ("auto", "on", "off"))  # auto: when tensorboard is installed
     profile_interval: int = positive(100, allow_zero=True)  # steps between SP-communication profiles; 0: off
     summary: str = ""  # a JSON file for the run's steady-state metrics (medians after warm-up), written at the end
+    memory_report: str = choice("off", ("off", "on"))  # on: what fills GPU memory at the first steps' peak
 
 
 # The built-in tiny hybrid: 2 blocks LS (Gated DeltaNet, softmax), hidden 128, 256 ids. A `model:`

@@ -22,7 +22,7 @@ from seqpar.comm import collectives
 from seqpar.models import HybridLM
 from seqpar.parallel import ParallelContext
 
-from . import checkpoint, faults, metrics
+from . import checkpoint, faults, memory, metrics
 from .data import Loader, make_source
 from .distributed import Launch, discover, init_distributed, pick_device
 from .loss import cross_entropy
@@ -150,6 +150,10 @@ class Trainer:
         world = dist.get_world_size()
         self.dp = p.dp or world // (p.tp * p.pp * p.sp)
         self.gbs = t.global_batch_size or t.micro_batch_size * self.dp
+        # from before the model exists, so that parameters and optimizer state are in the record too
+        self.recording = config.log.memory_report == "on" and memory.start(device)
+        if config.log.memory_report == "on" and not self.recording and dist.get_rank() == 0:
+            print("seqpar: log.memory_report needs CUDA GPUs; no report on this device", flush=True)
         if t.engine == "megatron":
             from .megatron_engine import MegatronEngine
 
@@ -281,8 +285,14 @@ class Trainer:
             batches = self.loader.step(step)
             lr = lr_at(step, t)
             profiled = bool(log_cfg.profile_interval and (step + 1) % log_cfg.profile_interval == 0)
-            with collectives.counting() as stats:
-                result = self._step(step, batches, lr, profiled)
+            try:
+                with collectives.counting() as stats:
+                    result = self._step(step, batches, lr, profiled)
+            except torch.OutOfMemoryError:
+                if self.recording:
+                    self.recording = False
+                    memory.report(self.device, self.run_dir, dist.get_rank(), f"step {step + 1} (out of memory)")
+                raise
             if result is None:  # a non-finite loss or gradient, and train.nonfinite: skip
                 skipped += 1
                 continue
@@ -303,6 +313,10 @@ class Trainer:
             if skipped:
                 last["skipped_steps"] = skipped
             history.append(last)
+            if self.recording and (step + 1 - self.start_step >= 2 or step + 1 == t.steps):
+                # two steps: the second is the first with the optimizer state allocated
+                self.recording = False
+                memory.report(self.device, self.run_dir, dist.get_rank(), f"steps {self.start_step + 1}-{step + 1}")
             if (step + 1) % log_cfg.interval == 0 or step + 1 == t.steps or profiled or step == self.start_step:
                 runlog.write(last)
             runlog.progress(step + 1, f"loss {last['loss']:.3f} acc {last['accuracy']:.3f} "
