@@ -16,6 +16,15 @@ CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not i
 
 def test_default_yaml_is_the_builtin_default():
     assert cfg.load([ROOT / "configs" / "default.yaml"]) == cfg.Config()
+    # and spells out every key, so that it documents them all
+    import dataclasses
+
+    import yaml
+
+    written = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    for section in cfg.SECTIONS:
+        fields = {f.name for f in dataclasses.fields(getattr(cfg.Config(), section))}
+        assert set(written[section]) == fields, (section, fields ^ set(written[section]))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

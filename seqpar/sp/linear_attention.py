@@ -2,8 +2,9 @@
 exchanges only fixed-size state summaries (see seqpar.comm.scan for the methods).
 
 Forward, per local shard p:
-  1. summary: dS_p (the shard's final state from a zero incoming state; a closed-form matrix product
-     for the gated family, a state pass for the delta rules) and T_p (its transition);
+  1. summary: dS_p (the shard's final state from a zero incoming state: the kernel's final_state,
+     a state pass whose start-independent work the kernel in step 3 reuses through Call.memo) and
+     T_p (its transition);
   2. the scan (LASP-2 / ZeCO / ring) starts on a side stream and yields S_in(p);
   3. the kernel runs on the shard with S_in(p) as a *late* initial state: it does the work that does
      not depend on S_in first, so the exchange overlaps it (seqpar_kernels.explicit).

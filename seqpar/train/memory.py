@@ -1,10 +1,10 @@
-"""What fills GPU memory at the peak of the first step (`log.memory_report: on`).
+"""What fills GPU memory at the peak of the first steps (`log.memory_report: on`).
 
 Long-sequence runs fail by running out of memory, and the allocator's totals do not say which
 tensors did it. With the report on, the CUDA caching allocator records every allocation (with
-its Python stack) from before the model is built; after the first step, or when a step fails,
-each rank replays that record to the moment the most memory was in use and writes the tensors
-alive then, grouped by the line of seqpar code that allocated them, to
+its Python stack) from before the model is built; after the first two steps (the second is the
+first with the optimizer state), or when a step runs out of memory, each rank replays that record
+to the moment the most memory was in use and writes the tensors alive then, grouped by the line of seqpar code that allocated them, to
 `<log.dir>/memory_rank<r>.json` (rank 0 also prints the largest groups). Recording costs time:
 use it for a diagnosis run, not for timing.
 """
