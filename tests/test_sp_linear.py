@@ -136,6 +136,44 @@ def test_sp_with_triton_kernels():
     assert not any(run_ranks(triton_cases, 2, timeout=600))
 
 
+def first_and_last_transitions(rank, P):
+    """The scan never uses the transition of the chain's first shard (it multiplies a zero incoming
+    state) or of its last (whose outgoing state goes nowhere): garbage there changes nothing, so the
+    SP layer may skip computing them (the delta rules' K x K pass)."""
+    from seqpar.comm import Family, StateScan
+    from seqpar.sp.plan import make_plan
+
+    out = []
+    for layout, method in itertools.product(sp.LAYOUTS, sp.METHODS):
+        plan = make_plan(layout, rank, P, 1, 8 * (2 if layout == "zigzag" else 1), None)
+        fam = Family("dense")
+        gen = torch.Generator().manual_seed(rank)
+        n = len(plan.positions)
+        T, dS, D = (torch.randn(n, 1, 2, 3, 3, generator=gen), torch.randn(n, 1, 2, 3, 4, generator=gen),
+                    torch.randn(n, 1, 2, 3, 4, generator=gen))
+        junk = T.clone()
+        for i, p in enumerate(plan.positions):
+            if p in (0, plan.chain.n - 1):
+                junk[i] = 7.0
+        results = []
+        for t in (T, junk):
+            scan = StateScan(method, fam, plan.chain, plan.positions, None, 2)
+            results.append((scan.forward(t, dS), scan.backward(D, t)))
+        same = all(torch.equal(a, b) for a, b in zip(*results))
+        out.append((layout, method, same, any(0 < p < plan.chain.n - 1 for p in plan.positions)))
+    return out
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_first_and_last_transitions_are_never_used(P):
+    results = run_ranks(first_and_last_transitions, P)
+    for rank, rows in enumerate(results):
+        for layout, method, same, inner in rows:
+            assert same, (P, rank, layout, method)
+    # two ranks, contiguous: no rank holds an inner shard, so no K x K transition is computed
+    assert P != 2 or not any(inner for rows in results for lay, _, _, inner in rows if lay == "contiguous")
+
+
 # ---- what crosses the wire ---------------------------------------------------------------------
 
 def count_traffic(rank, P):
