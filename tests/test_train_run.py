@@ -197,3 +197,6 @@ def test_summary_and_no_checkpoints(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["loss"] == rows[-1]["loss"]
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    # the first step checks every SP call's arguments across the ranks (one "agree" exchange per
+    # call); the later steps, repeating the same calls, do not
+    assert rows[0]["sp_calls"] > rows[1]["sp_calls"] == rows[2]["sp_calls"]

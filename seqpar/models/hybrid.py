@@ -11,6 +11,8 @@ and sum their gradients over the group, as for data parallelism).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -81,6 +83,14 @@ class HybridLM(nn.Module):
         inputs stay)."""
         for block in self.blocks:
             block.checkpointed = enabled
+
+    def set_sp_validation(self, enabled: bool) -> None:
+        """Whether every SP call first checks across ranks that all passed the same arguments (one
+        small host-side exchange per call, ParallelContext.validate). The trainer turns it off after
+        a first step has passed: later steps repeat the same calls."""
+        for m in self.modules():
+            if isinstance(getattr(m, "parallel", None), ParallelContext):
+                m.parallel = replace(m.parallel, validate=enabled)
 
     def set_mlp_token_chunk(self, tokens: int) -> None:
         """Compute every block's MLP `tokens` tokens at a time (0: all at once); see SwiGLU."""
