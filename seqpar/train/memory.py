@@ -4,9 +4,9 @@ Long-sequence runs fail by running out of memory, and the allocator's totals do 
 tensors did it. With the report on, the CUDA caching allocator records every allocation (with
 its Python stack) from before the model is built; after the first two steps (the second is the
 first with the optimizer state), or when a step runs out of memory, each rank replays that record
-to the moment the most memory was in use and writes the tensors alive then, grouped by the line of seqpar code that allocated them, to
-`<log.dir>/memory_rank<r>.json` (rank 0 also prints the largest groups). Recording costs time:
-use it for a diagnosis run, not for timing.
+to the moment the most memory was in use and writes the tensors alive then, grouped by the line
+of seqpar code that allocated them, to `<log.dir>/memory_rank<r>.json` (rank 0 also prints the
+largest groups). Recording costs time: use it for a diagnosis run, not for timing.
 """
 from __future__ import annotations
 

@@ -313,7 +313,7 @@ class Trainer:
             if skipped:
                 last["skipped_steps"] = skipped
             history.append(last)
-            if step == self.start_step and hasattr(self.model, "lm"):
+            if len(history) == 1 and hasattr(self.model, "lm"):
                 # the first step checked every SP call's arguments across ranks; the rest repeat them
                 self.model.lm.set_sp_validation(False)
             if self.recording and (step + 1 - self.start_step >= 2 or step + 1 == t.steps):
