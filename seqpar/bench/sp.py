@@ -109,11 +109,13 @@ def _breakdown(variant, x, do, method, layout, backend_name, slices, device, arg
         kernel.forward(call, h0)
         kernel.backward(call, h0, do, dht)
 
+    plan = make_plan(layout, C.rank(), C.size(), B, T, None)
+
     def kernels_as_in_sp():
         # the SP call's order on one Call (its memo shares the start-independent work): the
         # summary pass, then the kernel; the same backward
         c = replace(call, memo={})
-        if var.transition == "dense":
+        if var.transition == "dense" and plan.needs_transitions:
             kernel.final_state_and_transition(c, h0)
         else:
             kernel.final_state(c, h0)
@@ -122,7 +124,6 @@ def _breakdown(variant, x, do, method, layout, backend_name, slices, device, arg
         kernel.state_grad(c, do, dht)
         kernel.backward(c, h0, do, dht)
 
-    plan = make_plan(layout, C.rank(), C.size(), B, T, None)
     fam = Family(var.transition)
     n_local = plan.n_local
     t_shape = {"scalar": (H,), "diagonal": (H, K), "dense": (H, K, K)}[var.transition]

@@ -227,18 +227,10 @@ class _Spec:
         ix = self.indices(like.device)
         return torch.zeros_like(like).index_add_(0, ix.start_docs, dh0_seq[ix.starts].to(like.dtype))
 
-    def needs_dense_transitions(self) -> bool:
-        """Whether any local shard's transition enters the scan: the first shard's multiplies a zero
-        incoming state (an initial state is part of its own summary) and the last shard's outgoing
-        state goes nowhere, so only shards strictly inside the chain need theirs. On two ranks
-        with the contiguous layout none does, and the delta rules skip the K x K transition pass."""
-        return any(0 < p < self.plan.chain.n - 1 for p in self.plan.positions)
-
     def transitions(self, call: Call, dense_per_seq, dtype):
         """T of every local shard: [n_local, rows, H] (scalar), [.., H, K] (diagonal), [.., H, K, K]
-        (dense, from the state pass; zeros when no local shard needs one, see
-        needs_dense_transitions); zero for shards cut by a document boundary (their outgoing state
-        ignores the incoming one)."""
+        (dense, from the state pass; zeros when no local shard needs one, Plan.needs_transitions);
+        zero for shards cut by a document boundary (their outgoing state ignores the incoming one)."""
         if self.family.name == "dense" and dense_per_seq is None:
             H, K = call.q.shape[2], call.q.shape[3]
             per_seq = torch.zeros(len(self.plan.seqs), H, K, K, dtype=dtype, device=call.q.device)
@@ -294,7 +286,9 @@ class _LinearAttentionSP(torch.autograd.Function):
         sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         n_seqs = len(plan.seqs)
         h0_known = spec.known_initial(call, initial_state, sdt)
-        if spec.family.name == "dense" and spec.needs_dense_transitions():
+        # a rank holding no shard inside the chain skips the delta rules' K x K transition pass (on
+        # two ranks with the contiguous layout, every rank)
+        if spec.family.name == "dense" and spec.plan.needs_transitions:
             fin, M = kernel.final_state_and_transition(call, h0_known)
         else:
             fin, M = kernel.final_state(call, h0_known), None

@@ -44,6 +44,13 @@ class Plan:
     def chain_rows(self) -> int:
         return len(self.first[0])
 
+    @property
+    def needs_transitions(self) -> bool:
+        """Whether any local shard's transition enters the scan: the chain's first shard's multiplies
+        a zero incoming state (an initial state is part of its own summary) and its last shard's
+        outgoing state goes nowhere, so only shards strictly inside the chain need theirs."""
+        return any(0 < p < self.chain.n - 1 for p in self.positions)
+
 
 def make_plan(layout: str, rank: int, P: int, B: int, local_len: int, cu: list[int] | None) -> Plan:
     n_local = len(local_positions(layout, rank, P))
