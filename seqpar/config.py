@@ -67,7 +67,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     checkpointing: str = choice("none", ("none", "full"))  # activation checkpointing: full recomputes each block
     mlp_chunk: int = positive(0, allow_zero=True)  # MLP computed this many local tokens at a time (0: at once)
-    precision: str = choice("fp32", ("fp32", "bf16-autocast", "bf16"))
+    # bf16-autocast: fp32 weights, bf16 compute; bf16: bf16 weights and optimizer state; bf16-master:
+    # bf16 weights and activations, fp32 master weights and optimizer state (native engine)
+    precision: str = choice("fp32", ("fp32", "bf16-autocast", "bf16", "bf16-master"))
     device: str = choice("auto", ("auto", "cpu", "cuda"))
     seed: int = 1234
     ce_chunk: int = positive(4096)  # tokens per cross-entropy chunk: logits never exceed [ce_chunk, vocab/tp]
@@ -289,6 +291,9 @@ def check(config: Config, world_size: int | None = None) -> None:
     if t.engine == "megatron" and config.checkpoint.resume not in ("auto", "none"):
         raise ConfigError("checkpoint.resume: train.engine: megatron writes no seqpar checkpoints (use Megatron-LM's "
                           "--save/--load with seqpar's layer spec); set checkpoint.resume: none")
+    if t.engine != "native" and t.precision == "bf16-master":
+        raise ConfigError(f"train.precision: bf16-master is the native engine's; with train.engine: {t.engine} use "
+                          "train.precision: bf16, whose optimizer keeps fp32 master weights already")
     if t.engine == "megatron" and t.mlp_chunk:
         raise ConfigError("train.mlp_chunk applies to seqpar's own blocks (engines native and deepspeed); Megatron "
                           "builds its own MLP: set train.mlp_chunk=0 with train.engine: megatron")

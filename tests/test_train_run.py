@@ -200,3 +200,35 @@ def test_summary_and_no_checkpoints(tmp_path):
     # the first step checks every SP call's arguments across the ranks (one "agree" exchange per
     # call); the later steps, repeating the same calls, do not
     assert rows[0]["sp_calls"] > rows[1]["sp_calls"] == rows[2]["sp_calls"]
+
+
+def _master_cases(rank, world, root):
+    from seqpar.train.distributed import discover, pick_device
+    from seqpar.train.trainer import Trainer
+
+    root = Path(root)
+    common = ["train.precision=bf16-master", "train.steps=4", "checkpoint.interval=2"]
+    launch = discover()
+    trainer = Trainer(cfg.load([], TINY + common + [f"log.dir={root / 'whole'}"]), launch, pick_device(launch, "cpu"),
+                      watchdog=None)
+    trainer.train()
+    engine = trainer.engine
+    pairs = list(zip(engine.module.parameters(), engine.master.parameters()))
+    copies = all(p.dtype == torch.bfloat16 and m.dtype == torch.float32 and torch.equal(p, m.to(p.dtype))
+                 for p, m in pairs)
+    # the fp32 copy carries what bf16 cannot hold: some weights moved by less than a bf16 step
+    finer = any(not torch.equal(m, m.to(torch.bfloat16).float()) for _, m in pairs)
+    for extra in (["train.exit_interval=2"], []):  # stop after step 2 with a checkpoint, then resume
+        Trainer(cfg.load([], TINY + common + [f"log.dir={root / 'split'}"] + extra), launch,
+                pick_device(launch, "cpu"), watchdog=None).train()
+    return copies, finer
+
+
+def test_bf16_master_weights(tmp_path):
+    """train.precision: bf16-master: bf16 weights that are the fp32 master weights rounded, after
+    every step; the master keeps the finer values; a resumed run gives the uninterrupted losses."""
+    for copies, finer in run_ranks(_master_cases, 2, (str(tmp_path),)):
+        assert copies and finer
+    whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert len(whole) == 4 and whole == split
+    assert all(v == v for v in whole.values())

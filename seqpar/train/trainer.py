@@ -53,13 +53,14 @@ class LMWithLoss(torch.nn.Module):
         return cross_entropy(hidden, self.lm.output_weight, labels, chunk=self.ce_chunk)
 
 
-def build_model(config: cfg.Config, parallel: ParallelContext, device: torch.device) -> LMWithLoss:
+def build_model(config: cfg.Config, parallel: ParallelContext, device: torch.device, dtype=None) -> LMWithLoss:
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     lm = HybridLM(config.model, parallel)
     if config.train.checkpointing != "none":
         lm.set_activation_checkpointing(True)
     lm.set_mlp_token_chunk(config.train.mlp_chunk)
-    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if config.train.precision in ("bf16", "bf16-master") else torch.float32
     return LMWithLoss(lm, config.train.ce_chunk).to(device=device, dtype=dtype)
 
 
@@ -72,43 +73,62 @@ def make_optimizer(model: torch.nn.Module, t: cfg.TrainConfig) -> torch.optim.Op
 
 
 class NativeEngine:
-    """Plain PyTorch: AdamW, gradients summed over the data x sequence ranks with bucketed all-reduces."""
+    """Plain PyTorch: AdamW, gradients summed over the data x sequence ranks with bucketed all-reduces.
+    With `master` (train.precision: bf16-master) the optimizer and the checkpoints hold an fp32 copy
+    of the model: each step moves the bf16 gradients onto it, steps it, and copies it back to the bf16
+    weights."""
     name = "native"
 
-    def __init__(self, model, config: cfg.Config, optimizer, replica_group):
+    def __init__(self, model, config: cfg.Config, optimizer, replica_group, master=None):
         self.module, self.config, self.optimizer, self.group = model, config, optimizer, replica_group
         self.forward = model
+        self.master = master  # None, or the fp32 model that the optimizer steps
+        self.stepped = master if master is not None else model
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def discard(self) -> None:
         """Drop the gradients accumulated so far in this step."""
+        self.module.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, lr: float) -> tuple[float, str | None]:
         """Sum gradients, clip, step. Returns (gradient norm, None) or (norm, name of the first parameter
         with a non-finite gradient) without stepping."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.master is not None:  # the gradients move to the fp32 copy, summed over ranks in fp32
+            for p, m in zip(self.module.parameters(), self.master.parameters()):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        params = [p for p in self.stepped.parameters() if p.grad is not None]
         all_reduce_buckets([p.grad for p in params], self.group)
         clip = self.config.train.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         norm = float(norm)
         if not math.isfinite(norm):
-            bad = faults.first_nonfinite_grad(self.module)
+            bad = faults.first_nonfinite_grad(self.stepped)
             self.optimizer.zero_grad(set_to_none=True)
             return norm, bad or "?"
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._copy_master()
         return norm, None
 
+    def _copy_master(self) -> None:
+        if self.master is not None:
+            with torch.no_grad():
+                for p, m in zip(self.module.parameters(), self.master.parameters()):
+                    p.copy_(m)
+
     def save(self, root, step: int, meta: dict, keep: int) -> Path:
-        return checkpoint.save_native(root, step, self.module, self.optimizer, meta, keep)
+        return checkpoint.save_native(root, step, self.stepped, self.optimizer, meta, keep)
 
     def load(self, path: Path) -> dict:
-        return checkpoint.load_native(path, self.module, self.optimizer)
+        meta = checkpoint.load_native(path, self.stepped, self.optimizer)
+        self._copy_master()
+        return meta
 
 
 def all_reduce_buckets(tensors: list[torch.Tensor], group, bucket_bytes: int = 64 << 20) -> None:
@@ -135,12 +155,14 @@ def all_reduce_buckets(tensors: list[torch.Tensor], group, bucket_bytes: int = 6
 
 def make_engine(config: cfg.Config, parallel: ParallelContext, device: torch.device):
     model = build_model(config, parallel, device)
-    optimizer = make_optimizer(model, config.train)
+    # bf16-master: the same initial weights (same seed) in fp32, which the optimizer steps
+    master = build_model(config, parallel, device, torch.float32) if config.train.precision == "bf16-master" else None
+    optimizer = make_optimizer(master if master is not None else model, config.train)
     if config.train.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(model, config, parallel, optimizer)
-    return NativeEngine(model, config, optimizer, dist.group.WORLD)
+    return NativeEngine(model, config, optimizer, dist.group.WORLD, master)
 
 
 class Trainer:
