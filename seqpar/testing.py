@@ -66,3 +66,15 @@ def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 600.0) -> 
     if errors:
         raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
     return out
+
+
+def _cli_on_rank(rank, world_size, argv):
+    from seqpar.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def run_cli(argv: list[str], world_size: int, timeout: float = 600.0) -> list:
+    """`seqpar <argv>` on `world_size` gloo ranks, as torchrun would start it; each rank's exit status."""
+    return run_ranks(_cli_on_rank, world_size, args=(list(argv),), timeout=timeout)

@@ -5,21 +5,14 @@ from __future__ import annotations
 import json
 
 from seqpar.bench import comm as bench_comm
-from seqpar.bench import sp as bench_sp
-from seqpar.cli import build_parser
-from seqpar.testing import run_ranks
-
-
-def bench_on_rank(rank, world_size, out):
-    args = build_parser().parse_args(
-        ["bench", "sp", "--variants", "gla", "delta_rule", "--t-local", "32", "--heads", "2", "--head-dim", "8",
-         "--dtype", "fp32", "--repeat", "1", "--warmup", "0", "--check", "--check-t-local", "24", "--out", out])
-    return bench_sp.main(args)
+from seqpar.testing import run_cli
 
 
 def test_bench_sp_smoke(tmp_path):
     out = str(tmp_path / "sp.json")
-    assert run_ranks(bench_on_rank, 2, args=(out,)) == [0, 0]
+    assert run_cli(["bench", "sp", "--variants", "gla", "delta_rule", "--t-local", "32", "--heads", "2", "--head-dim",
+                    "8", "--dtype", "fp32", "--repeat", "1", "--warmup", "0", "--check", "--check-t-local", "24",
+                    "--out", out], 2) == [0, 0]
     data = json.loads(open(out).read())
     assert data["meta"]["P"] == 2
     assert len(data["checks"]) == 2 * 3 * 2 and all(c["pass"] for c in data["checks"])
@@ -30,15 +23,9 @@ def test_bench_sp_smoke(tmp_path):
         assert r["local_kernel_ms"] > 0 and r["scan_ms"] > 0
 
 
-def comm_on_rank(rank, world_size, out):
-    args = build_parser().parse_args(["bench", "comm", "--sizes-kb", "4", "64", "512", "--repeat", "2",
-                                      "--out", out])
-    return bench_comm.main(args)
-
-
 def test_bench_comm_smoke(tmp_path):
     out = str(tmp_path / "comm.json")
-    assert run_ranks(comm_on_rank, 2, args=(out,)) == [0, 0]
+    assert run_cli(["bench", "comm", "--sizes-kb", "4", "64", "512", "--repeat", "2", "--out", out], 2) == [0, 0]
     data = json.loads(open(out).read())
     for op in ("all_gather", "all_to_all", "p2p"):
         assert len(data["times_ms"][op]) == 3 and all(t > 0 for t in data["times_ms"][op])

@@ -241,21 +241,15 @@ def test_tiles_cover_the_mask_exactly_in_flash_terms():
 
 
 # ---- the GPU benchmark runs end to end on CPU ranks (a smoke test; its numbers come from GPUs) ----------
-def bench_on_rank(rank, world_size, out):
-    from seqpar.bench import softmax as bench_softmax
-    from seqpar.cli import build_parser
-
-    args = build_parser().parse_args(
-        ["bench", "softmax", "--seq-lens", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--dtype",
-         "fp32", "--repeat", "1", "--warmup", "0", "--check-len", "48", "--split-len", "37", "--out", out])
-    return bench_softmax.main(args)
-
-
 def test_bench_softmax_smoke(tmp_path):
     import json
 
+    from seqpar.testing import run_cli
+
     out = str(tmp_path / "softmax.json")
-    assert run_ranks(bench_on_rank, 2, args=(out,)) == [0, 0]
+    assert run_cli(["bench", "softmax", "--seq-lens", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "8",
+                    "--dtype", "fp32", "--repeat", "1", "--warmup", "0", "--check-len", "48", "--split-len", "37",
+                    "--out", out], 2) == [0, 0]
     data = json.loads(open(out).read())
     assert data["meta"]["P"] == 2 and data["meta"]["impl"] == "math"
     assert len(data["checks"]) == 5 + 2 * 2 * 2 and all(c["pass"] for c in data["checks"])
