@@ -217,3 +217,16 @@ def test_unknown_variant_and_backend():
         sk.chunk("mamba", x.q, x.k, x.v)
     with pytest.raises(ValueError, match="unknown kernel backend"):
         sk.chunk("linear_attn", x.q, x.k, x.v, backend="cuda")
+
+
+def test_call_boundaries_use_the_host_copy():
+    """Kernels read sequence boundaries on the host; a Call that carries them (the SP layer's do)
+    is never copied back from the device."""
+    from seqpar_kernels.explicit import Call
+
+    q = torch.zeros(1, 10, 1, 2)
+    cu = torch.tensor([0, 4, 10])
+    assert Call(q, q, q, None, None, 1.0, cu).boundaries() == (0, 4, 10)
+    assert Call(q, q, q, None, None, 1.0, cu, cu_host=(0, 5, 10)).boundaries() == (0, 5, 10)  # not read from cu
+    b = torch.zeros(2, 3, 1, 2)
+    assert Call(b, b, b, None, None, 1.0).boundaries() == (0, 3, 6)

@@ -44,10 +44,21 @@ class Call:
     scale: float
     cu_seqlens: torch.Tensor | None = None
     memo: dict | None = field(default=None, compare=False, repr=False)  # see the module docstring
+    # cu_seqlens on the host, where the caller has it: the kernels need the boundaries on the host
+    # and would otherwise copy them back from the device (a sync) in every entry point
+    cu_host: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_states(self) -> int:
         return self.q.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+    def boundaries(self) -> tuple[int, ...]:
+        """Token boundaries of the independent sequences along the flattened [B*T] axis, on the host:
+        cu_seqlens for packed documents, else every batch row's ends."""
+        if self.cu_seqlens is None:
+            B, T = self.q.shape[:2]
+            return tuple(b * T for b in range(B + 1))
+        return self.cu_host if self.cu_host is not None else tuple(self.cu_seqlens.tolist())
 
 
 @dataclass

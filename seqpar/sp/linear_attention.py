@@ -177,7 +177,7 @@ class _Spec:
     def call(self, q, k, v, g, beta) -> Call:
         # memo: the state pass and the kernel run on this one Call share their start-independent work
         return Call(*(self.to_chain(x) for x in (q, k, v, g, beta)), self.scale, self.indices(q.device).local_cu,
-                    memo={})
+                    memo={}, cu_host=self.plan.local_cu)
 
     @staticmethod
     def per_shard(per_seq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

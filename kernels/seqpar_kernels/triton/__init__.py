@@ -49,16 +49,17 @@ _KERNEL = TritonKernel()
 class _ChunkTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens, output_final_state):
-        call = Call(q, k, v, g, beta, scale, cu_seqlens)
+        cu_host = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None  # once, for both passes
+        call = Call(q, k, v, g, beta, scale, cu_seqlens, cu_host=cu_host)
         o, ht = _KERNEL.forward(call, initial_state)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.cu_seqlens = scale, cu_seqlens
+        ctx.scale, ctx.cu_seqlens, ctx.cu_host = scale, cu_seqlens, cu_host
         return o, (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state = ctx.saved_tensors
-        call = Call(q, k, v, g, beta, ctx.scale, ctx.cu_seqlens)
+        call = Call(q, k, v, g, beta, ctx.scale, ctx.cu_seqlens, cu_host=ctx.cu_host)
         gr = _KERNEL.backward(call, initial_state, do, dht)
         need = ctx.needs_input_grad
         dh0 = gr.dh0.to(initial_state.dtype) if need[5] else None

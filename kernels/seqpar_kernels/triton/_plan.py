@@ -39,14 +39,6 @@ class Plan:
         return self.seq_first.numel()
 
 
-def sequence_bounds(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int]]:
-    """(first row, end row) of every sequence in the flattened [B*T] token axis."""
-    if cu_seqlens is None:
-        return [(b * seq_len, (b + 1) * seq_len) for b in range(batch)]
-    c = cu_seqlens.tolist()  # one host sync per call for packed documents
-    return list(zip(c, c[1:]))
-
-
 def default_segment_chunks(total_chunks: int, programs_per_segment: int, device: torch.device) -> int:
     """Chunks per segment: enough segments that a state pass fills the GPU about four times over,
     but no shorter than 4 chunks (shorter segments only move work into the scan)."""

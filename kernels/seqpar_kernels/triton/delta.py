@@ -122,15 +122,6 @@ def _cached(key, build):
     return _PLANS[key]
 
 
-def _doc_bounds(call: Call) -> tuple[int, ...]:
-    """Token boundaries of the independent sequences of the flattened [B*T] rows (a host copy of
-    cu_seqlens for packed documents; computed from the shape otherwise)."""
-    if call.cu_seqlens is not None:
-        return tuple(call.cu_seqlens.tolist())
-    B, T = call.q.shape[:2]
-    return tuple(b * T for b in range(B + 1))
-
-
 def _chunk_plan(bounds, device):
     """(document, chunk in document) of every chunk, as an int32 [n_chunks, 2] tensor."""
     def build():
@@ -178,7 +169,7 @@ def _layout(call: Call) -> _Layout:
                          "the Triton kernels on an H100 with triton 3.6 (gated_delta_rule at 256 passed); "
                          "use backend='torch' or head dims <= 128")
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
-    bounds = _doc_bounds(call)
+    bounds = call.boundaries()
     cu, idx, n_chunks = _chunk_plan(bounds, q.device)
     varlen = call.cu_seqlens is not None
     NT = 0 if varlen else -(-T // CHUNK)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..explicit import Call, Grads, plus_late
-from ._plan import Plan, default_segment_chunks, make_plan, sequence_bounds
+from ._plan import Plan, default_segment_chunks, make_plan
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
 CHUNK = 64
@@ -536,7 +536,8 @@ class _Setup:
         self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
         self.bk, self.bv, self.launch = self.tiles("state")
         n_tiles = self.H * triton.cdiv(self.K, self.bk) * triton.cdiv(self.V, self.bv)
-        bounds = sequence_bounds(B, T, call.cu_seqlens)
+        c = call.boundaries()
+        bounds = list(zip(c, c[1:]))
         if segment_chunks is None:
             total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
             segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
