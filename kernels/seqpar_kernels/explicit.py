@@ -112,6 +112,20 @@ def plus_late(x, late):
     return extra if x is None else x + extra
 
 
+def reuse(memo: dict | None, key, tag, keep: bool, compute):
+    """compute(), or what an earlier entry point on the same Call kept in its memo under `key` with
+    the same `tag` (compared by identity, e.g. a backward's do); the entry is used up. keep: leave
+    the result in the memo for the next entry point (a state pass keeps, the kernel uses)."""
+    if memo is not None:
+        kept = memo.pop(key, None)
+        if kept is not None and kept[0] is tag:
+            return kept[1]
+    out = compute()
+    if keep and memo is not None:
+        memo[key] = (tag, out)
+    return out
+
+
 class TorchKernel(ExplicitKernel):
     """The chunked PyTorch reference; backward by autograd on a recomputed forward. The state
     passes of the gated family use their closed forms (summaries.py). A subclass with another

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..explicit import Call, Grads, plus_late
+from ..explicit import Call, Grads, plus_late, reuse
 from ..variants import InputError
 from . import delta_kernels as kern
 
@@ -216,18 +216,9 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
 
 
 def _wy(call: Call, L: _Layout, key: str, *, keep: bool, tag=None, **prep) -> _WY:
-    """_prep(L, **prep), or what a state pass run first on this Call kept in its memo (the WY
-    preparation does not depend on the start state; see explicit.py, Call.memo). `tag` must match
-    too (a backward's do). keep: leave the result for the kernel called next on the same Call."""
-    memo = call.memo
-    if memo is not None:
-        kept = memo.pop(key, None)
-        if kept is not None and kept[0] is tag:
-            return kept[1]
-    wy = _prep(L, **prep)
-    if keep and memo is not None:
-        memo[key] = (tag, wy)
-    return wy
+    """_prep(L, **prep), shared through call.memo: the WY preparation does not depend on the start
+    state, so a state pass (keep=True) and the kernel after it on the same Call compute it once."""
+    return reuse(call.memo, key, tag, keep, lambda: _prep(L, **prep))
 
 
 @dataclass

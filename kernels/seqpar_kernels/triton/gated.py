@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..explicit import Call, Grads, plus_late
+from ..explicit import Call, Grads, plus_late, reuse
 from ._plan import Plan, default_segment_chunks, make_plan
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
@@ -541,6 +541,7 @@ class _Setup:
         if segment_chunks is None:
             total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
             segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
+        self.segment_chunks = segment_chunks
         self.plan: Plan = make_plan(bounds, self.dev, CHUNK, segment_chunks)
 
     def tiles(self, kernel: str) -> tuple[int, int, dict]:
@@ -636,20 +637,13 @@ def _widened(call: Call) -> Call:
 
 
 def _segment_states(st: _Setup, call: Call, key: str, x, y, reverse: bool, keep: bool, tag=None):
-    """st.state_pass(x, y) with the chunk states, or what an earlier entry point on this Call kept
-    in its memo: the segment-local pass does not depend on the start state, so a state pass run
-    first (the SP summary) and the kernel after it share one. `tag` must match too (a backward's do).
-    keep: a state pass alone (final_state, state_grad): with a memo it stores the chunk states and
-    keeps the result for the kernel; without one it needs no chunk states."""
-    memo = None if _fp16_per_key(call) else call.memo  # those forwards and backwards run widened calls
-    if memo is not None:
-        kept = memo.pop(key, None)
-        if kept is not None and kept[0] is tag and kept[1] is st.plan:
-            return kept[2]
-    out = st.state_pass(x, y, reverse=reverse, store=memo is not None or not keep)
-    if keep and memo is not None:
-        memo[key] = (tag, st.plan, out)
-    return out
+    """st.state_pass(x, y) with the chunk states, shared through call.memo: the segment-local pass
+    does not depend on the start state, so the SP summary (final_state / state_grad, keep=True) and
+    the kernel after it (forward / backward) run it once. Without a memo a state pass alone needs no
+    chunk states. fp16 per-key calls are left out: their kernels run on widened copies."""
+    memo = None if _fp16_per_key(call) else call.memo
+    return reuse(memo, (key, st.segment_chunks), tag, keep,
+                 lambda: st.state_pass(x, y, reverse=reverse, store=memo is not None or not keep))
 
 
 def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
