@@ -200,18 +200,18 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
     if split:
         kern.wy_solve[(L.n_chunks, L.H)](
             L.k, L.beta, pick(L.g), pick(gc), t, L.cu, L.idx, L.T, L.NT, L.H, L.K,
-            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["solve_warps"])
+            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, **_launch(L, CONFIG["solve_warps"]))
         kern.wy_apply[(L.n_chunks, L.H)](
             L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
             L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
             BK=min(L.BK, CONFIG["apply_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
-            STORE_U=store_u, DO_DVL=do is not None, num_warps=CONFIG["apply_warps"])
+            STORE_U=store_u, DO_DVL=do is not None, **_launch(L, CONFIG["apply_warps"]))
     else:
         kern.wy_prep[(L.n_chunks, L.H)](
             L.k, L.v, L.beta, pick(L.g), L.q, pick(do), pick(gc), w, pick(u), pick(t), pick(dvl),
             L.cu, L.idx, L.scale, L.T, L.NT, L.H, L.K, L.V,
             BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
-            STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, num_warps=CONFIG["prep_warps"])
+            STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, **_launch(L, CONFIG["prep_warps"]))
     return _WY(gc, w, u, t, dvl)
 
 
@@ -249,7 +249,16 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
-        num_warps=CONFIG["chain_warps"], num_stages=_stages(L, stages))
+        **_launch(L, CONFIG["chain_warps"], stages))
+
+
+def _launch(L: _Layout, warps: int, stages: int | None = None) -> dict:
+    """Launch options: warps, pipeline depth, and full-fp32 matrix products for fp32 inputs (Triton's
+    default is TF32, ~1e-3 relative error: the H100 check measured it in every delta output)."""
+    opts = dict(num_warps=warps, default_dot_input_precision="ieee" if L.q.dtype == torch.float32 else "tf32")
+    if stages is not None:
+        opts["num_stages"] = _stages(L, stages)
+    return opts
 
 
 def _stages(L: _Layout, stages: int) -> int:
@@ -300,7 +309,7 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
     kern.segment_scan[(triton.cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
         m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
         segoff, L.H, L.K, L.V, BK=L.BK, BV=bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
-        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
+        USE_H0=h0 is not None, USE_DHT=dht is not None, **_launch(L, 4))
     # 3. the per-chunk states, every segment from its true start
     if store:
         _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do,
@@ -321,7 +330,7 @@ def forward(call: Call, h0, h0_late=None):
     kern.output[(L.n_chunks, L.H, triton.cdiv(L.V, bv))](
         L.q, L.k, wy.gc if wy.gc is not None else wy.w, st.h, st.vn, o, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
-        BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, num_warps=CONFIG["out_warps"])
+        BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, **_launch(L, CONFIG["out_warps"]))
     return _unflat(L, o), st.ht
 
 
@@ -395,7 +404,7 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
         L.q, L.k, gc, h, vn, do, dh, dvn, dq, dk_part, dw, dg_part, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=bk, BV=min(_pow2(L.V), CONFIG["dqk_bv"]), IS_VARLEN=L.varlen, USE_G=use_g,
-        num_warps=CONFIG["dqk_warps"], num_stages=_stages(L, CONFIG["dqk_stages"]))
+        **_launch(L, CONFIG["dqk_warps"], CONFIG["dqk_stages"]))
     dk = L.new(L.rows, L.H, L.K)
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
@@ -404,6 +413,6 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
         L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
-        IS_VARLEN=L.varlen, USE_G=use_g, num_warps=CONFIG["wy_warps"], num_stages=_stages(L, CONFIG["wy_stages"]))
+        IS_VARLEN=L.varlen, USE_G=use_g, **_launch(L, CONFIG["wy_warps"], CONFIG["wy_stages"]))
     return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
                  _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)
