@@ -65,7 +65,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # 0: off
-    checkpointing: str = choice("none", ("none", "full"))  # activation checkpointing: full recomputes each block
+    # activation checkpointing: full recomputes each block; offload also keeps the block inputs in host memory
+    checkpointing: str = choice("none", ("none", "full", "offload"))
     mlp_chunk: int = positive(0, allow_zero=True)  # MLP computed this many local tokens at a time (0: at once)
     # bf16-autocast: fp32 weights, bf16 compute; bf16: bf16 weights and optimizer state; bf16-master:
     # bf16 weights and activations, fp32 master weights and optimizer state (native engine)
@@ -297,6 +298,9 @@ def check(config: Config, world_size: int | None = None) -> None:
     if t.engine == "megatron" and t.mlp_chunk:
         raise ConfigError("train.mlp_chunk applies to seqpar's own blocks (engines native and deepspeed); Megatron "
                           "builds its own MLP: set train.mlp_chunk=0 with train.engine: megatron")
+    if t.engine == "megatron" and t.checkpointing == "offload":
+        raise ConfigError("train.checkpointing: offload applies to seqpar's own blocks (engines native and deepspeed); "
+                          "with train.engine: megatron use full")
     if t.engine == "megatron" and t.nonfinite == "skip":
         raise ConfigError("train.nonfinite: skip is not available with train.engine: megatron; use stop")
     if t.engine == "deepspeed" and t.nonfinite == "skip":

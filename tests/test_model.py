@@ -53,13 +53,17 @@ def reference(config, ids, targets, cu, seed, alone=None):
     return model, hidden.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def check_sp_case(alone, P, pattern, variant, layout, packed, method="lasp2", seed=1):
+def check_sp_case(alone, P, pattern, variant, layout, packed, method="lasp2", seed=1, offload=None):
+    """offload: None, or recompute every block in backward (offload=False) with its input kept in
+    host memory (True): the SP collectives then run again inside backward."""
     config = tiny_config(pattern, variant)
     ids, targets, cu = problem(P, packed)
     ref_model, h_ref, loss_ref, g_ref = reference(config, ids, targets, cu, seed, alone)
     par = ParallelContext(sp_group=dist.group.WORLD, layout=layout, linear_method=method, backend="torch")
     model = HybridLM(config, par).double()
     model.load_state_dict(ref_model.state_dict())
+    if offload is not None:
+        model.set_activation_checkpointing(True, offload=offload)
     group = par.sp_group
     hidden = model(sp.shard(ids, group, layout), cu_seqlens=cu)
     loss = loss_of(model, hidden, sp.shard(targets, group, layout), targets.numel())
@@ -86,6 +90,7 @@ def sp_cases(rank, P):
         for layout, packed in (combos if P == 2 else [combos[i % 4]]):
             checked += check_sp_case(alone, P, pattern, variant, layout, packed)
     check_sp_case(alone, P, "LL", "gated_delta_rule", "zigzag", True, method="zeco")
+    check_sp_case(alone, P, "LS", "gla", "zigzag", True, offload=True)
     return checked
 
 
@@ -94,16 +99,18 @@ def test_plain_model_sp_matches_one_process(P):
     assert all(n > 0 for n in run_ranks(sp_cases, P))
 
 
-@pytest.mark.parametrize("checkpointed,mlp_chunk", [(True, 0), (True, 5), (False, 7)])
-def test_activation_checkpointing_and_mlp_chunks_same_gradients(checkpointed, mlp_chunk):
-    """Recomputing blocks, and computing the MLP a few tokens at a time (odd chunks, the last one
-    short; nested in the block's checkpoint or alone), change no number."""
+@pytest.mark.parametrize("checkpointed,offload,mlp_chunk", [(True, False, 0), (True, False, 5), (False, False, 7),
+                                                             (True, True, 0), (True, True, 5)])
+def test_activation_checkpointing_and_mlp_chunks_same_gradients(checkpointed, offload, mlp_chunk):
+    """Recomputing blocks (their inputs kept on the device or offloaded to host memory), and
+    computing the MLP a few tokens at a time (odd chunks, the last one short; nested in the block's
+    checkpoint or alone), change no number."""
     config = tiny_config("LS", "gla")
     ids, targets, cu = problem(1, True, L=6)
     _, _, loss_ref, g_ref = reference(config, ids, targets, cu, seed=3)
     torch.manual_seed(3)
     model = HybridLM(config).double()
-    model.set_activation_checkpointing(checkpointed)
+    model.set_activation_checkpointing(checkpointed, offload=offload)
     model.set_mlp_token_chunk(mlp_chunk)
     assert mlp_chunk == 0 or ids.shape[1] > mlp_chunk
     loss = loss_of(model, model(ids, cu_seqlens=cu), targets, targets.numel())

@@ -60,6 +60,7 @@ BAD = [
     (["parallel.tp=2"], "tensor and pipeline parallelism run on train.engine: megatron"),
     (["train.engine=deepspeed", "train.nonfinite=skip"], "train.nonfinite: skip is not available with"),
     (["train.engine=megatron", "train.mlp_chunk=4096"], "train.mlp_chunk applies to seqpar's own blocks"),
+    (["train.engine=megatron", "train.checkpointing=offload"], "train.checkpointing: offload applies to seqpar's own blocks"),
     (["train.engine=deepspeed", "train.precision=bf16-master"], "train.precision: bf16-master is the native engine's"),
     (["train.min_lr=1"], "train.min_lr = 1.0 must be between 0 and train.lr"),
     (["data.task=text"], "data.path is required for data.task: text"),

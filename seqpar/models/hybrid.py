@@ -41,6 +41,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.checkpointed = False
+        self.offload_input = False  # with checkpointed: keep the block input in host memory
         self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mixer = make_mixer(kind, config, parallel, proj)
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -53,7 +54,12 @@ class Block(nn.Module):
     def forward(self, x, cu_seqlens=None):
         if self.checkpointed and torch.is_grad_enabled():
             # recomputed in backward; the SP collectives inside run again, in the same order on every rank
-            return checkpoint(self._forward, x, cu_seqlens, use_reentrant=False)
+            if not self.offload_input:
+                return checkpoint(self._forward, x, cu_seqlens, use_reentrant=False)
+            # the reentrant form saves its input through save_for_backward, which save_on_cpu sends
+            # to (pinned) host memory; the non-reentrant form would keep a reference to it on the GPU
+            with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
+                return checkpoint(self._forward, x, cu_seqlens, use_reentrant=True)
         return self._forward(x, cu_seqlens)
 
 
@@ -78,11 +84,13 @@ class HybridLM(nn.Module):
         """[vocab, hidden]: logits = hidden @ output_weight.T (the embedding when tied)."""
         return self.embed.weight if self.config.tie_embeddings else self.output.weight
 
-    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+    def set_activation_checkpointing(self, enabled: bool = True, offload: bool = False) -> None:
         """Recompute every block in backward instead of keeping its activations (only the block
-        inputs stay)."""
+        inputs stay); with `offload` the block inputs wait in host memory (one [T_local, hidden]
+        copy per block each way over PCIe, for ~2 bytes x hidden x layers of GPU memory per token)."""
         for block in self.blocks:
             block.checkpointed = enabled
+            block.offload_input = enabled and offload
 
     def set_sp_validation(self, enabled: bool) -> None:
         """Whether every SP call first checks across ranks that all passed the same arguments (one

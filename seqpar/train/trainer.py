@@ -57,7 +57,7 @@ def build_model(config: cfg.Config, parallel: ParallelContext, device: torch.dev
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank
     lm = HybridLM(config.model, parallel)
     if config.train.checkpointing != "none":
-        lm.set_activation_checkpointing(True)
+        lm.set_activation_checkpointing(True, offload=config.train.checkpointing == "offload")
     lm.set_mlp_token_chunk(config.train.mlp_chunk)
     if dtype is None:
         dtype = torch.bfloat16 if config.train.precision in ("bf16", "bf16-master") else torch.float32
