@@ -10,8 +10,9 @@ initial state and a final-state gradient, as under SP), the state passes (what t
 gradient and for the delta rules the dense transition add to the kernel when run in the SP
 call's order, sharing work through Call.memo), and the scan's collectives alone; what
 the SP call costs beyond kernel + state passes is reported as `exposed` (communication not
-hidden, plus glue). With --check, each configuration is first compared with the single-device
-kernel on the whole sequence (outputs, final state, every gradient).
+hidden, plus glue), and `host` is the time the host takes to issue the call (the GPU waits for
+the host where it comes near the SP time). With --check, each configuration is first compared
+with the single-device kernel on the whole sequence (outputs, final state, every gradient).
 With fla-core installed, fla's own context-parallel Gated DeltaNet is timed in the same run as
 the anchor (its efficiency measured the same way).
 """
@@ -32,7 +33,7 @@ from seqpar_kernels.backends import resolve
 from seqpar_kernels.explicit import Call, explicit_kernel
 from seqpar_kernels.testing import random_inputs, rel_err
 
-from .timing import kernel_breakdown, init_distributed, median_ms
+from .timing import host_ms, init_distributed, kernel_breakdown, median_ms, sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -252,7 +253,9 @@ def main(args) -> int:
                               dtype=torch.float32, initial_state=False, seed=rank)
             single = _leaves(x, device, dtype)
             do = torch.randn(single["v"].shape, device=device, dtype=dtype)
-            t_single = median_ms(_fwd_bwd_plain(variant, single, do, backend), device, args.warmup, args.repeat)
+            plain = _fwd_bwd_plain(variant, single, do, backend)
+            t_single = median_ms(plain, device, args.warmup, args.repeat)
+            host_single = host_ms(plain, device, args.repeat)
             for layout in args.layouts:
                 for method in args.methods:
                     run = _fwd_bwd_sp(variant, single, do, method, layout, backend, args.zeco_slices)
@@ -261,18 +264,26 @@ def main(args) -> int:
                     exposed = max(0.0, t_sp - parts["local_kernel_ms"] - parts["state_passes_ms"])
                     row = {"variant": variant, "method": method, "layout": layout, "t_local": t_local, "P": P,
                            "single_ms": t_single, "sp_ms": t_sp, "efficiency": t_single / t_sp,
-                           **parts, "exposed_ms": exposed}
+                           **parts, "exposed_ms": exposed,
+                           "single_host_ms": host_single, "host_ms": host_ms(run, device, args.repeat)}
                     if args.profile and device.type == "cuda":
-                        # kernels summed (side-stream ones overlap) against sp_ms: the rest is the GPU idle
+                        # compute kernels summed against sp_ms: the rest is the GPU idle; NCCL kernels are
+                        # listed apart (their time includes waiting for the other rank)
+                        sync(device)
+                        dist.barrier()
                         kernels = kernel_breakdown(run)
-                        row["profile"] = {"kernels_ms_sum": sum(r["ms"] for r in kernels), "top": kernels[:15]}
+                        compute = [r for r in kernels if not r["kernel"].startswith("nccl")]
+                        row["profile"] = {"compute_kernels_ms_sum": sum(r["ms"] for r in compute),
+                                          "top": compute[:15],
+                                          "nccl": [r for r in kernels if r["kernel"].startswith("nccl")]}
                     results.append(row)
                     save()
                     if rank == 0:
                         print(f"{variant:17s} {method:6s} {layout:10s} T_local={t_local:>7d} single {t_single:8.2f} ms"
                               f"  SP {t_sp:8.2f} ms  eff {row['efficiency']:.3f}  kernel {parts['local_kernel_ms']:.2f}"
                               f"  state {parts['state_passes_ms']:.2f}  scan {parts['scan_ms']:.3f}"
-                              f"  exposed {exposed:.2f}", flush=True)
+                              f"  exposed {exposed:.2f}  host {row['host_ms']:.2f} (single {host_single:.2f})",
+                              flush=True)
             del single, do
         if not args.no_fla and device.type == "cuda":
             rows = _fla_anchor(t_local, args, device, dtype) or []

@@ -50,6 +50,22 @@ def median_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> fl
     return med.item()
 
 
+def host_ms(fn, device: torch.device, repeat: int = 10) -> float:
+    """Median milliseconds the host takes to issue fn() onto an idle GPU (no synchronisation at
+    the end). Near the GPU time of fn, the GPU waits for the host: the call is launch-bound."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    sync(device)
+    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.item()
+
+
 def kernel_breakdown(fn) -> list[dict]:
     """Device time of every kernel in one call of fn (CUDA), largest first: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
