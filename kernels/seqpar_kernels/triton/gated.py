@@ -49,15 +49,14 @@ BLOCK_K = 4  # key columns per in-block product of A's diagonal blocks ([4, 16, 
 
 # (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
-# sm_90 compiler's resource report (Triton 3.6): no register spills (except 176 bytes in the per-key
-# dq/dk pass, whose BK=16 alternative recomputes dA twice as often), two or more programs per SM where
-# the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
+# sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
+# where the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
 # tuning runs: every setting used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
-    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
     "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
-    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
     "intra": {2: (64, 64, 8, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
@@ -328,7 +327,7 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
         m_k = o_k < K
         b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         b_kt = _tile_t(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-        b_G, _ = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_G = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)[0]
         b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         if BACKWARD:
             tl.store(Gs + (t0 * H + i_h) * K + (o_t[:, None] * (H * K) + o_k[None, :]), b_G,
@@ -345,7 +344,7 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
                             0.0)
             b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
         # pairs inside a block, element by element, BKD key columns at a time
-        for p in tl.static_range(BK // BKD):
+        for p in range(BK // BKD):
             o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
             b_Ad += _intra_block(q, k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
     base = A + (t0 * H + i_h) * C
