@@ -57,7 +57,7 @@ TILES = {
     "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
     "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
     "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
-    "intra": {2: (64, 64, 8, 2)},  # per-key A (BK) and, backward, dA (BV)
+    "intra": {2: (16, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
     _name, _gate = _key.split(":")
@@ -535,26 +535,26 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
             b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
             b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dA.to(dt), b_kb, input_precision=DOT)
             b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAt.to(dt), b_qb, input_precision=DOT)
-        # pairs inside a block: step l pairs every row i with the block's row l, as the earlier
-        # token j (dq_i) and as the later one (dk_i); operands gathered by row from memory (cache)
+        # pairs inside a block: step l pairs every row i with its block's row p: p <= i makes p the
+        # earlier token (a dq_i term), p >= i the later one (a dk_i term); one exp2 serves both as
+        # the exponent is G_later - G_earlier either way. Operands gathered by row (cache hits).
         o_l = o_t % BC
         first = o_t - o_l
         row = (t0 * H + i_h) * K
         for l in range(BC):
             p = first + l
-            ok_q = m_t & (l <= o_l)  # p <= i: every such p is in the chunk
+            ok_q = m_t & (l <= o_l)  # every such p is in the chunk
             ok_k = m_t & (l >= o_l) & (p < n_t)
-            m_p = (ok_q | ok_k)[:, None] & m_k[None, :]
             off_p = p[:, None] * (H * K) + o_k[None, :]
-            b_pk = tl.load(k + row + off_p, mask=m_p, other=0).to(tl.float32)
-            b_pq = tl.load(q + row + off_p, mask=m_p, other=0).to(tl.float32)
-            b_pG = tl.load(g_base + off_p, mask=m_p, other=0)
+            b_pk = tl.load(k + row + off_p, mask=ok_q[:, None] & m_k[None, :], other=0).to(tl.float32)
+            b_pq = tl.load(q + row + off_p, mask=ok_k[:, None] & m_k[None, :], other=0).to(tl.float32)
+            b_pG = tl.load(g_base + off_p, mask=(ok_q | ok_k)[:, None] & m_k[None, :], other=0)
             b_da = tl.load(dA_mem + (t0 * H + i_h) * C + (o_t * (H * C) + p), mask=ok_q, other=0) * scale
             b_dat = tl.load(dA_mem + (t0 * H + i_h) * C + (p * (H * C) + o_t), mask=ok_k, other=0) * scale
-            e_q = tl.exp2(tl.where(ok_q[:, None], b_Gq - b_pG, float("-inf")))
-            e_k = tl.exp2(tl.where(ok_k[:, None], b_pG - b_Gq, float("-inf")))
-            b_dq += b_da[:, None] * e_q * b_pk
-            b_dk += b_dat[:, None] * e_k * b_pq
+            b_e = tl.where(ok_q[:, None], b_Gq - b_pG, tl.where(ok_k[:, None], b_pG - b_Gq, float("-inf")))
+            b_e = tl.exp2(b_e)
+            b_dq += b_da[:, None] * b_e * b_pk
+            b_dk += b_dat[:, None] * b_e * b_pq
     m = m_t[:, None] & m_k[None, :]
     off = (t0 * H + i_h) * K
     tl.store(dq + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m)
