@@ -174,20 +174,13 @@ def _block_tile(x, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr
 
 
 @triton.jit
-def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
-                 REVERSE: tl.constexpr):
-    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_later,k - G_earlier,k) over the pairs of one block whose
-    later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. a holds the
-    later token (a=q, b=k: A's diagonal blocks) or, REVERSE, b does (a=k, b=q: A^T's)."""
+def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr):
+    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_rk - G_ck) over the pairs of one block with r >= c
+    (0 elsewhere): a=q, b=k give A's diagonal blocks."""
     b_a, b_Ga = _block_tile(a, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, True)
     b_b, b_Gb = _block_tile(b, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, False)
     o_l = tl.arange(0, BC)
-    r = o_l[None, :, None, None]
-    c = o_l[None, None, :, None]
-    if REVERSE:
-        b_e = tl.where(c >= r, b_Gb - b_Ga, float("-inf"))
-    else:
-        b_e = tl.where(r >= c, b_Ga - b_Gb, float("-inf"))
+    b_e = tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Ga - b_Gb, float("-inf"))
     return tl.sum(b_a * b_b * tl.exp2(b_e), 3)
 
 
@@ -346,7 +339,7 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
         # pairs inside a block, element by element, BKD key columns at a time
         for p in range(BK // BKD):
             o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-            b_Ad += _intra_block(q, k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
+            b_Ad += _intra_block(q, k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC)
     base = A + (t0 * H + i_h) * C
     # b_A is zero in and above the diagonal blocks, which are stored from b_Ad
     other_block = (o_t[:, None] // BC) != (o_t[None, :] // BC)
