@@ -518,6 +518,8 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dk = b_dk * tl.exp2(b_Gl[None, :] - b_Gq)
         b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
         # pairs in different blocks, reference G_r = first row of block b (the later token's block)
+        b_dAb = b_dA.to(dt)
+        b_dAtb = b_dAt.to(dt)
         for b in tl.static_range(1, NB):
             in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
             before = o_t < b * BC
@@ -526,8 +528,8 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
             e_before = tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gq, 0.0))
             b_kb = tl.where(before[:, None], b_k * e_before, 0.0).to(dt)
             b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
-            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dA.to(dt), b_kb, input_precision=DOT)
-            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAt.to(dt), b_qb, input_precision=DOT)
+            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dAb, b_kb, input_precision=DOT)
+            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAtb, b_qb, input_precision=DOT)
         # pairs inside a block: step l pairs every row i with its block's row p: p <= i makes p the
         # earlier token (a dq_i term), p >= i the later one (a dk_i term); one exp2 serves both as
         # the exponent is G_later - G_earlier either way. Operands gathered by row (cache hits).
