@@ -10,6 +10,7 @@ The helpers (`check_case`, `Segmented`) take any family, so the delta-rule tests
 """
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel is defined
@@ -93,16 +94,20 @@ def test_fp16(variant):
 
 
 def test_strong_gates_stay_finite():
-    """Log decays of -30 per token (exp(-G) would overflow fp32) still give exact results."""
+    """Log decays of -30 per token (exp(-G) would overflow fp32) still give exact results and
+    gradients, with a last chunk of 16 rows (blocks past its end)."""
     x = sk.testing.random_inputs("gla", B=1, T=80, H=1, K=16, V=16, dtype=torch.float32, seed=6,
                                  gate_strength=30.0)
-    o, ht = sk.chunk("gla", x.q, x.k, x.v, g=x.g, initial_state=x.initial_state, output_final_state=True,
-                     backend="triton")
-    xd = x.map(lambda t: t.double())
-    o_ref, ht_ref = sk.naive("gla", xd.q, xd.k, xd.v, g=xd.g, initial_state=xd.initial_state,
-                             output_final_state=True)
-    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
-    assert sk.testing.rel_err(o, o_ref) < 1e-4 and sk.testing.rel_err(ht, ht_ref) < 1e-4
+    gen = torch.Generator().manual_seed(6)
+    do = torch.randn(x.v.shape, generator=gen)
+    dht = torch.randn(x.initial_state.shape, generator=gen)
+    got = sk.testing.outputs_and_grads(
+        functools.partial(sk.chunk, "gla", output_final_state=True, backend="triton"), x, do, dht)
+    want = sk.testing.outputs_and_grads(functools.partial(sk.naive, "gla", output_final_state=True),
+                                        x.map(lambda t: t.double()), do.double(), dht.double())
+    for name in ("o", "ht", "dq", "dk", "dv", "dg", "dinitial_state"):
+        assert torch.isfinite(got[name]).all(), name
+        assert sk.testing.rel_err(got[name], want[name]) < 1e-4, name
 
 
 @pytest.mark.parametrize("variant", ["simple_gla", "gla", "delta_rule", "gated_delta_rule"])

@@ -17,10 +17,13 @@ strong the gate. The passes:
 * chunk-parallel passes: outputs and, run backwards in time, dv (`_apply_kernel`); dq/dk/dg
   (`_bwd_dqk_kernel`).
 
-Per-key gates inside a chunk: blocks of BC = 16 tokens; pairs in different blocks go through
-tensor-core products with the block's first row as the reference point (both factors <= 1); pairs
-inside a block are formed element by element. No tl.trans anywhere: transposed operands are loaded
-transposed (Triton 3.4-3.7.0 on Hopper miscompiles tl.trans of matrix-product results).
+Per-key gates (GATE 2) first form the intra-chunk matrix A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk)
+once per chunk and head (`_gla_intra_kernel`, fp32 in memory; the backward also stores dA = do v^T
+and G there), so the passes above are plain matrix products with it. Inside a chunk, blocks of
+BC = 16 tokens: pairs in different blocks go through tensor-core products with the later block's
+first row as the reference point (both factors <= 1); pairs inside a block are formed element by
+element. No tl.trans anywhere: transposed operands are loaded transposed (Triton 3.4-3.7.0 on
+Hopper miscompiles tl.trans of matrix-product results).
 
 dg uses the chunk-local identity dG_i = q_i*dq_i - k_i*dk_i (plus the state term at the chunk end)
 and dg = reverse cumsum of dG within the chunk, so nothing long-range cancels.
@@ -42,19 +45,19 @@ from ._plan import Plan, default_segment_chunks, make_plan
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
 CHUNK = 64
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
-BLOCK_K = 4  # key columns per in-block product of per-key gates ([4, 16, 16, 4] tensors)
+BLOCK_K = 4  # key columns per in-block product of A's diagonal blocks ([4, 16, 16, 4] tensors)
 
 # (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
-# sm_90 compiler's resource report (Triton 3.6): no register spills (except 176 bytes in the per-key
-# dq/dk pass, whose BK=16 alternative recomputes dA twice as often), two or more programs per SM where
-# the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
+# sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
+# where the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
 # tuning runs: every setting used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
-    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
     "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
-    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 64, 8, 2)},
+    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
+    "intra": {2: (16, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
     _name, _gate = _key.split(":")
@@ -137,11 +140,13 @@ def _decay_to_chunk(cdec, c, i_h, H, K: tl.constexpr, o_k, m_k, GATE: tl.constex
 
 
 @triton.jit
-def _block_diagonal(x, NB: tl.constexpr, BC: tl.constexpr):
-    """[NB, BC, BC] blocks -> the [NB*BC, NB*BC] matrix with them on its diagonal."""
-    o_b = tl.arange(0, NB)
-    same = o_b[:, None, None, None] == o_b[None, None, :, None]
-    return tl.reshape(tl.where(same, x[:, :, None, :], 0.0), (NB * BC, NB * BC))
+def _chunk_matrix(x, t0, o_t, m_t, i_h, H, C: tl.constexpr, TRANS: tl.constexpr):
+    """A [rows, H, C] per-chunk matrix (A, dA) of one chunk: [C, C], or its transpose if TRANS."""
+    if TRANS:
+        off = o_t[None, :] * (H * C) + o_t[:, None]
+    else:
+        off = o_t[:, None] * (H * C) + o_t[None, :]
+    return tl.load(x + (t0 * H + i_h) * C + off, mask=m_t[:, None] & m_t[None, :], other=0)
 
 
 @triton.jit
@@ -169,20 +174,13 @@ def _block_tile(x, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr
 
 
 @triton.jit
-def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
-                 REVERSE: tl.constexpr):
-    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_later,k - G_earlier,k) over the pairs of one block whose
-    later token is at or after the earlier one (0 elsewhere); a's token r, b's token c. a holds the
-    later token (a=q, b=k: A's diagonal blocks) or, REVERSE, b does (a=k, b=q: A^T's)."""
+def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr):
+    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_rk - G_ck) over the pairs of one block with r >= c
+    (0 elsewhere): a=q, b=k give A's diagonal blocks."""
     b_a, b_Ga = _block_tile(a, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, True)
     b_b, b_Gb = _block_tile(b, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, False)
     o_l = tl.arange(0, BC)
-    r = o_l[None, :, None, None]
-    c = o_l[None, None, :, None]
-    if REVERSE:
-        b_e = tl.where(c >= r, b_Gb - b_Ga, float("-inf"))
-    else:
-        b_e = tl.where(r >= c, b_Ga - b_Gb, float("-inf"))
+    b_e = tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Ga - b_Gb, float("-inf"))
     return tl.sum(b_a * b_b * tl.exp2(b_e), 3)
 
 
@@ -300,20 +298,82 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
 
 
 # ----------------------------------------------------------------------------------------------
+# per-key gates: the intra-chunk matrices
+
+@triton.jit
+def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_seg, H,
+                      K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                      BC: tl.constexpr, BKD: tl.constexpr, BACKWARD: tl.constexpr, DOT: tl.constexpr):
+    """One chunk and head: A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) for j <= i (0 elsewhere), fp32,
+    unscaled. BACKWARD also stores dA_ij = do_i . v_j for j <= i and the cumulative log2 gate G."""
+    i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NB: tl.constexpr = C // BC
+    o_t = tl.arange(0, C)
+    t0, n_t, _ = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
+    m_t = o_t < n_t
+    dt = q.dtype.element_ty
+    b_A = tl.zeros([C, C], dtype=tl.float32)
+    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # the diagonal blocks
+    for i_k in range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_kt = _tile_t(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_G = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)[0]
+        b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        if BACKWARD:
+            tl.store(Gs + (t0 * H + i_h) * K + (o_t[:, None] * (H * K) + o_k[None, :]), b_G,
+                     mask=m_t[:, None] & m_k[None, :])
+        # pairs in different blocks, through the reference G_r = first row of the later token's
+        # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
+        for b in tl.static_range(1, NB):
+            in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+            before = o_t < b * BC
+            b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_G, 0.0), 0)
+            b_rt = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gt, 0.0), 1)
+            b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_G - b_r[None, :], 0.0)), 0.0)
+            b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_rt[:, None] - b_Gt, 0.0)),
+                            0.0)
+            b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
+        # pairs inside a block, element by element, BKD key columns at a time
+        for p in range(BK // BKD):
+            o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
+            b_Ad += _intra_block(q, k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC)
+    base = A + (t0 * H + i_h) * C
+    # b_A is zero in and above the diagonal blocks, which are stored from b_Ad
+    other_block = (o_t[:, None] // BC) != (o_t[None, :] // BC)
+    tl.store(base + (o_t[:, None] * (H * C) + o_t[None, :]), b_A, mask=m_t[:, None] & other_block)
+    o_b = tl.arange(0, NB)[:, None, None] * BC
+    o_l = tl.arange(0, BC)
+    rows = o_b + o_l[None, :, None]
+    tl.store(base + (rows * (H * C) + o_b + o_l[None, None, :]), b_Ad, mask=rows < n_t)
+    if BACKWARD:
+        b_dA = tl.zeros([C, C], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_do = _tile(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+            b_vt = _tile_t(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+            b_dA = tl.dot(b_do, b_vt, b_dA, input_precision=DOT)
+        b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA, 0.0)
+        tl.store(dA + (t0 * H + i_h) * C + (o_t[:, None] * (H * C) + o_t[None, :]), b_dA, mask=m_t[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
 # chunk-parallel passes
 
 @triton.jit
-def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end, chunk_seg, scale, H,
+def _apply_kernel(x, y, z, g, A, states, cdec, seg_in, out, chunk_start, chunk_end, chunk_seg, scale, H,
                   K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                  BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr,
-                  DOT: tl.constexpr):
+                  GATE: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr):
     """Outputs of one chunk, head and V tile from its state and its intra-chunk products:
     forward (x=q, y=k, z=v, states h):     o  = scale ((q * exp2(G)) h + sum_{j<=i} A_ij v_j)
     REVERSE (x=k, y=q, z=do, states dh):   dv = (k * exp2(G_l - G)) dh + scale sum_{i>=j} A_ij do_i
-    with A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) and a state = local + decay * incoming."""
+    with A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) and a state = local + decay * incoming. Scalar
+    gates form A here from x and y; per-key gates read it from A (`_gla_intra_kernel`)."""
     i_c, i_v, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
-    NB: tl.constexpr = C // BC
     o_t = tl.arange(0, C)
     t0, n_t, s = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
     m_t = o_t < n_t
@@ -327,12 +387,12 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
     b_o = tl.zeros([C, BV], dtype=tl.float32)
     b_os = tl.zeros([C, BV], dtype=tl.float32)  # x times the incoming state (scalar gates)
     b_A = tl.zeros([C, C], dtype=tl.float32)
-    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # per-key gates: A (A^T) inside each block
     for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_x = _tile(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-        b_yt = _tile_t(y, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        if GATE < 2:
+            b_yt = _tile_t(y, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         b_h, b_s = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, False)
         if GATE < 2:
             # the scalar gate factors out of the products: applied once after the loop
@@ -341,7 +401,6 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
             b_A = tl.dot(b_x, b_yt, b_A, input_precision=DOT)
         else:
             b_Gx, b_Gl = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-            b_Gyt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
             if REVERSE:
                 b_xw = b_x * tl.exp2(b_Gl[None, :] - b_Gx)
             else:
@@ -349,25 +408,6 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
             b_d = _decay_to_chunk(cdec, i_c, i_h, H, K, o_k, m_k, GATE)
             b_o = tl.dot(b_xw.to(dt), b_h.to(dt), b_o, input_precision=DOT)
             b_o = tl.dot((b_xw * b_d[None, :]).to(dt), b_s.to(dt), b_o, input_precision=DOT)
-            # pairs in different blocks, through the reference G_r = first row of the later token's
-            # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
-            for b in tl.static_range(1, NB):
-                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
-                before = o_t < b * BC
-                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gx, 0.0), 0)  # [BK]
-                if REVERSE:  # x = k (earlier, before block b), y = q (later, in block b)
-                    x_sel, y_sel = before, in_b
-                    x_exp, y_exp = b_r[None, :] - b_Gx, b_Gyt - b_r[:, None]
-                else:        # x = q (later), y = k (earlier)
-                    x_sel, y_sel = in_b, before
-                    x_exp, y_exp = b_Gx - b_r[None, :], b_r[:, None] - b_Gyt
-                b_xb = tl.where(x_sel[:, None], b_x * tl.exp2(tl.where(x_sel[:, None], x_exp, 0.0)), 0.0)
-                b_yb = tl.where(y_sel[None, :], b_yt * tl.exp2(tl.where(y_sel[None, :], y_exp, 0.0)), 0.0)
-                b_A = tl.dot(b_xb.to(dt), b_yb.to(dt), b_A, input_precision=DOT)
-            # pairs inside a block, element by element, BKD key columns at a time
-            for p in tl.static_range(BK // BKD):
-                o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-                b_Ad += _intra_block(x, y, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, REVERSE)
     b_z = _tile(z, t0, o_t, m_t, i_h, H, V, o_v, m_v)
     if GATE == 0:
         b_o += b_os
@@ -382,7 +422,7 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
             b_o = (b_o + b_d * b_os) * tl.exp2(b_G)[:, None]
             b_A = b_A * tl.exp2(tl.where(keep, b_G[:, None] - b_G[None, :], float("-inf")))
     else:
-        b_A += _block_diagonal(b_Ad, NB, BC)
+        b_A = _chunk_matrix(A, t0, o_t, m_t, i_h, H, C, REVERSE)
     if REVERSE:
         b_o = tl.dot((b_A * scale).to(dt), b_z, b_o, input_precision=DOT)
     else:
@@ -392,13 +432,14 @@ def _apply_kernel(x, y, z, g, states, cdec, seg_in, out, chunk_start, chunk_end,
 
 
 @triton.jit
-def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
+def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dA_mem, G_mem, dq, dk, dg,
                     chunk_start, chunk_end, chunk_seg, scale, H, T_all,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                    BC: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
+                    BC: tl.constexpr, GATE: tl.constexpr, DOT: tl.constexpr):
     """dq, dk (and dg) of one chunk, head and K tile.
     dq_i = scale exp2(G_i) (h do_i) + sum_{j<=i} dA_ij exp2(G_i - G_j) k_j
-    dk_j = exp2(G_l - G_j) (dh v_j) + sum_{i>=j} dA_ij exp2(G_i - G_j) q_i,   dA = scale do v^T."""
+    dk_j = exp2(G_l - G_j) (dh v_j) + sum_{i>=j} dA_ij exp2(G_i - G_j) q_i,   dA = scale do v^T.
+    Per-key gates read do v^T and G from dA_mem and G_mem (`_gla_intra_kernel`)."""
     i_c, i_k, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     NV: tl.constexpr = (V + BV - 1) // BV
     NB: tl.constexpr = C // BC
@@ -424,16 +465,18 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         m_v = o_v < V
         b_do = _tile(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         b_v = _tile(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
-        b_dot = _tile_t(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
-        b_vt = _tile_t(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        if GATE < 2:
+            b_dot = _tile_t(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+            b_vt = _tile_t(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         b_hl, b_hs = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
         b_dhl, b_dhs = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
         b_dq = tl.dot(b_do, b_hl.to(dt), b_dq, input_precision=DOT)
         b_dqs = tl.dot(b_do, b_hs.to(dt), b_dqs, input_precision=DOT)
         b_dk = tl.dot(b_v, b_dhl.to(dt), b_dk, input_precision=DOT)
         b_dks = tl.dot(b_v, b_dhs.to(dt), b_dks, input_precision=DOT)
-        b_dA = tl.dot(b_do, b_vt, b_dA, input_precision=DOT)
-        b_dAt = tl.dot(b_v, b_dot, b_dAt, input_precision=DOT)
+        if GATE < 2:
+            b_dA = tl.dot(b_do, b_vt, b_dA, input_precision=DOT)
+            b_dAt = tl.dot(b_v, b_dot, b_dAt, input_precision=DOT)
         if GATE == 1:
             b_hdh += tl.sum((b_hl.to(tl.float32) + b_a * b_hs.to(tl.float32)) *
                             (b_dhl.to(tl.float32) + b_b * b_dhs.to(tl.float32)), 0)
@@ -443,6 +486,8 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
     if GATE == 2:
         b_dq += b_dqs * b_a[None, :]
         b_dk += b_dks * b_b[None, :]
+        b_dA = _chunk_matrix(dA_mem, t0, o_t, m_t, i_h, H, C, False)
+        b_dAt = _chunk_matrix(dA_mem, t0, o_t, m_t, i_h, H, C, True)
     else:
         b_dq += b_dqs * b_a
         b_dk += b_dks * b_b
@@ -464,42 +509,47 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dq = tl.dot((b_dA * b_M).to(dt), b_k, b_dq, input_precision=DOT)
         b_dk = tl.dot((b_dAt * b_Mt).to(dt), b_q, b_dk, input_precision=DOT)
     else:
-        b_Gq, b_Gl = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        # G as the intra kernel stored it: the in-block pairs below gather it by row
+        g_base = G_mem + (t0 * H + i_h) * K
+        b_Gl = tl.load(g_base + (n_t - 1) * (H * K) + o_k, mask=m_k, other=0)
+        b_Gq = tl.load(g_base + (o_t[:, None] * (H * K) + o_k[None, :]), mask=m_t[:, None] & m_k[None, :], other=0)
+        b_Gq = tl.where(m_t[:, None], b_Gq, b_Gl[None, :])  # rows past the end keep G_l: no exponent > 0
         b_dq = b_dq * scale * tl.exp2(b_Gq)
         b_dk = b_dk * tl.exp2(b_Gl[None, :] - b_Gq)
         b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
         # pairs in different blocks, reference G_r = first row of block b (the later token's block)
+        b_dAb = b_dA.to(dt)
+        b_dAtb = b_dAt.to(dt)
         for b in tl.static_range(1, NB):
             in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
             before = o_t < b * BC
-            b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_Gq, 0.0), 0)
+            b_r = tl.load(g_base + tl.minimum(b * BC, n_t - 1) * (H * K) + o_k, mask=m_k, other=0)
             e_in = tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0))
             e_before = tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gq, 0.0))
             b_kb = tl.where(before[:, None], b_k * e_before, 0.0).to(dt)
             b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
-            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dA.to(dt), b_kb, input_precision=DOT)
-            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAt.to(dt), b_qb, input_precision=DOT)
-        # pairs inside a block: [block, i, j, key] products, BKD key columns at a time
-        o_b = tl.arange(0, NB)
-        o_l = tl.arange(0, BC)
-        b_dA4 = tl.reshape(b_dA, (NB, BC, NB, BC))
-        b_dAd = tl.sum(tl.where(o_b[:, None, None, None] == o_b[None, None, :, None], b_dA4, 0.0), 2)
-        NKD: tl.constexpr = BK // BKD
-        o_p = tl.arange(0, NKD)
-        b_dqd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
-        b_dkd = tl.zeros([C, NKD, BKD], dtype=tl.float32)
-        for p in tl.static_range(NKD):
-            o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-            b_qi, b_Gi = _block_tile(q, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, True)
-            b_kj, b_Gj = _block_tile(k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC, False)
-            b_w = b_dAd[:, :, :, None] * tl.exp2(
-                tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Gi - b_Gj, float("-inf")))
-            b_dqp = tl.reshape(tl.sum(b_w * b_kj, 2), (C, BKD))
-            b_dkp = tl.reshape(tl.sum(b_w * b_qi, 1), (C, BKD))
-            b_dqd += tl.where(o_p[None, :, None] == p, b_dqp[:, None, :], 0.0)
-            b_dkd += tl.where(o_p[None, :, None] == p, b_dkp[:, None, :], 0.0)
-        b_dq += tl.reshape(b_dqd, (C, BK))
-        b_dk += tl.reshape(b_dkd, (C, BK))
+            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dAb, b_kb, input_precision=DOT)
+            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAtb, b_qb, input_precision=DOT)
+        # pairs inside a block: step l pairs every row i with its block's row p: p <= i makes p the
+        # earlier token (a dq_i term), p >= i the later one (a dk_i term); one exp2 serves both as
+        # the exponent is G_later - G_earlier either way. Operands gathered by row (cache hits).
+        o_l = o_t % BC
+        first = o_t - o_l
+        row = (t0 * H + i_h) * K
+        for l in range(BC):
+            p = first + l
+            ok_q = m_t & (l <= o_l)  # every such p is in the chunk
+            ok_k = m_t & (l >= o_l) & (p < n_t)
+            off_p = p[:, None] * (H * K) + o_k[None, :]
+            b_pk = tl.load(k + row + off_p, mask=ok_q[:, None] & m_k[None, :], other=0).to(tl.float32)
+            b_pq = tl.load(q + row + off_p, mask=ok_k[:, None] & m_k[None, :], other=0).to(tl.float32)
+            b_pG = tl.load(g_base + off_p, mask=(ok_q | ok_k)[:, None] & m_k[None, :], other=0)
+            b_da = tl.load(dA_mem + (t0 * H + i_h) * C + (o_t * (H * C) + p), mask=ok_q, other=0) * scale
+            b_dat = tl.load(dA_mem + (t0 * H + i_h) * C + (p * (H * C) + o_t), mask=ok_k, other=0) * scale
+            b_e = tl.where(ok_q[:, None], b_Gq - b_pG, tl.where(ok_k[:, None], b_pG - b_Gq, float("-inf")))
+            b_e = tl.exp2(b_e)
+            b_dq += b_da[:, None] * b_e * b_pk
+            b_dk += b_dat[:, None] * b_e * b_pq
     m = m_t[:, None] & m_k[None, :]
     off = (t0 * H + i_h) * K
     tl.store(dq + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m)
@@ -594,15 +644,30 @@ class _Setup:
         seg_in, end = self.scan(seg_state, seg_dec, plus_late(start, start_late), reverse=reverse, store_in=True)
         return states, cdec, seg_in, end
 
-    def apply(self, x, y, z, states, cdec, seg_in, reverse: bool):
-        """The output pass (x, y, z = q, k, v) or, reversed, the dv pass (k, q, do)."""
+    def apply(self, x, y, z, states, cdec, seg_in, reverse: bool, A=None):
+        """The output pass (x, y, z = q, k, v) or, reversed, the dv pass (k, q, do); per-key gates
+        take the intra-chunk matrix A from `intra`."""
         out = torch.empty_like(z)
         bk, bv, launch = self.tiles("dv" if reverse else "out")
         _apply_kernel[(self.plan.n_chunks, triton.cdiv(self.V, bv), self.H)](
-            x, y, z, self.g if self.g is not None else x, states, cdec, seg_in, out, *self.chunk_args(),
-            self.scale, self.H, K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, GATE=self.gate,
+            x, y, z, self.g if self.g is not None else x, A if A is not None else x, states, cdec, seg_in, out,
+            *self.chunk_args(), self.scale, self.H, K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, GATE=self.gate,
             REVERSE=reverse, DOT=self.dot, **launch)
         return out
+
+    def intra(self, do=None):
+        """Per-key gates: the intra-chunk matrix A [rows, H, C] (fp32, unscaled); given do (backward)
+        also dA = do v^T [rows, H, C] and the cumulative log2 gate G [rows, H, K]."""
+        backward = do is not None
+        A = self.empty(self.rows, self.H, CHUNK)
+        dA = self.empty(self.rows, self.H, CHUNK) if backward else A
+        G = self.empty(self.rows, self.H, self.K) if backward else A
+        bk, bv, launch = self.tiles("intra")
+        _gla_intra_kernel[(self.plan.n_chunks, self.H)](
+            self.q, self.k, self.g, self.v, do if backward else self.v, A, dA, G, *self.chunk_args(), self.H,
+            K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, BACKWARD=backward, DOT=self.dot,
+            **launch)
+        return (A, dA, G) if backward else A
 
     def chunk_args(self):
         p = self.plan
@@ -654,7 +719,8 @@ def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
     st = _Setup(call, segment_chunks)
     states, cdec, seg_state, seg_dec = _segment_states(st, call, "forward", st.k, st.v, reverse=False, keep=False)
     seg_in, ht = st.scan(seg_state, seg_dec, plus_late(h0, h0_late), reverse=False, store_in=True)
-    return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False), ht
+    A = st.intra() if st.gate == 2 else None
+    return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False, A=A), ht
 
 
 def final_state(call: Call, h0, *, segment_chunks: int | None = None):
@@ -689,6 +755,7 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
     bk, bv, launch = st.tiles("dqk")
     nk = triton.cdiv(K, bk)
     dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
+    A, dA, G = st.intra(do) if st.gate == 2 else (None, st.q, st.q)
     if st.gate == 1:
         dg = st.empty(nk, *st.g.shape)  # partial sums over K tiles
     elif st.gate == 2:
@@ -696,10 +763,10 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
     else:
         dg = st.empty(1)
     _bwd_dqk_kernel[(st.plan.n_chunks, nk, H)](
-        st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dq, dk, dg,
-        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K,
+        st.q, st.k, st.v, gate_arg, do, states, cdec_f, seg_in, dstates, cdec_r, seg_dout, dA, G, dq, dk, dg,
+        *st.chunk_args(), st.scale, H, st.rows, K=K, V=V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK,
         GATE=st.gate, DOT=st.dot, **launch)
-    dv = st.apply(st.k, st.q, do, dstates, cdec_r, seg_dout, reverse=True)
+    dv = st.apply(st.k, st.q, do, dstates, cdec_r, seg_dout, reverse=True, A=A)
     if st.gate == 1:
         dg = dg.sum(0).to(st.g.dtype)
     elif st.gate == 0:

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     for variant in ("linear_attn", "simple_gla", "gla"):  # one per gate kind; lightning = simple_gla
         for fn, a, kw in record_launches(variant, getattr(torch, args.dtype), args.K, args.V, args.H):
             kernel, constexprs, options = compile_launch(fn, a, kw)
-            flags = {k: v for k, v in constexprs.items() if k in ("GATE", "REVERSE", "STORE", "BK", "BV")}
+            flags = {k: v for k, v in constexprs.items() if k in ("GATE", "REVERSE", "STORE", "BACKWARD", "BK", "BV")}
             key = (fn.__name__, tuple(sorted(flags.items())), tuple(sorted(options.items())))
             if key in seen:
                 continue
