@@ -185,16 +185,16 @@ def _mm(a, b):
 
 
 @triton.jit
-def _wy_rows(T0, T1, T2, T3, x0, x1, x2, x3, NB: tl.constexpr):
+def _wy_rows(T0, T1, T2, T3, x0, x1, x2, x3, NB: tl.constexpr, DOT: tl.constexpr):
     """Row block NB of T @ X with T's blocks (T0..T3 of that row; blocks past NB unused)."""
     dt = x0.dtype
-    acc = tl.dot(T0.to(dt), x0)
+    acc = tl.dot(T0.to(dt), x0, input_precision=DOT)
     if NB >= 1:
-        acc += tl.dot(T1.to(dt), x1)
+        acc += tl.dot(T1.to(dt), x1, input_precision=DOT)
     if NB >= 2:
-        acc += tl.dot(T2.to(dt), x2)
+        acc += tl.dot(T2.to(dt), x2, input_precision=DOT)
     if NB >= 3:
-        acc += tl.dot(T3.to(dt), x3)
+        acc += tl.dot(T3.to(dt), x3, input_precision=DOT)
     return acc
 
 
@@ -261,7 +261,8 @@ def _beta_gate64(beta_ptr, gc_ptr, ih, t0, eos, H, USE_G: tl.constexpr):
 
 
 @triton.jit
-def _local_dv(kq, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV: tl.constexpr, USE_G: tl.constexpr):
+def _local_dv(kq, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV: tl.constexpr, USE_G: tl.constexpr,
+              DOT: tl.constexpr):
     """dVl = scale (K Q^T * exp(g_i - g_j))_{i >= j} dO from kq = K Q^T of the chunk (rows j: keys,
     columns i: queries): the part of dVn that the reverse chain does not carry."""
     o_i = tl.arange(0, 64)
@@ -273,7 +274,7 @@ def _local_dv(kq, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV: tl.constexpr
     HV = H * V
     for c0 in range(0, V, BV):
         dof = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-        _store_tile(dvl_ptr + ih * V, tl.dot(a, dof), t0, eos, HV, c0, V, 64, BV)
+        _store_tile(dvl_ptr + ih * V, tl.dot(a, dof, input_precision=DOT), t0, eos, HV, c0, V, 64, BV)
 
 
 @triton.jit
@@ -281,7 +282,7 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
             gc_ptr, w_ptr, u_ptr, t_ptr, dvl_ptr,
             cu_ptr, idx_ptr, scale, T, NT, H, K, V,
             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-            STORE_U: tl.constexpr, STORE_T: tl.constexpr, DO_DVL: tl.constexpr):
+            STORE_U: tl.constexpr, STORE_T: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
     """gc (cumulative in-chunk gate), W, U, T and (backward) dVl = scale (Q K^T * D)^T dO.
 
     T = (I + Akk)^-1 comes from _solve16; all of K stays in registers, so this is the
@@ -302,10 +303,14 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
     kt2 = _tile_t(kh, t0 + 32, eos, HK, 0, K, 16, BK)
     kt3 = _tile_t(kh, t0 + 48, eos, HK, 0, K, 16, BK)
     b0, b1, b2, b3, g0, g1, g2, g3 = _gates16(beta_ptr, g_ptr, gc_ptr, ih, t0, eos, H, USE_G)
+    a00, a11, a22, a33 = (tl.dot(k0, kt0, input_precision=DOT), tl.dot(k1, kt1, input_precision=DOT),
+                          tl.dot(k2, kt2, input_precision=DOT), tl.dot(k3, kt3, input_precision=DOT))
+    a10, a20, a21 = (tl.dot(k1, kt0, input_precision=DOT), tl.dot(k2, kt0, input_precision=DOT),
+                     tl.dot(k2, kt1, input_precision=DOT))
+    a30, a31, a32 = (tl.dot(k3, kt0, input_precision=DOT), tl.dot(k3, kt1, input_precision=DOT),
+                     tl.dot(k3, kt2, input_precision=DOT))
     T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _solve16(
-        tl.dot(k0, kt0), tl.dot(k1, kt1), tl.dot(k2, kt2), tl.dot(k3, kt3),
-        tl.dot(k1, kt0), tl.dot(k2, kt0), tl.dot(k2, kt1), tl.dot(k3, kt0), tl.dot(k3, kt1), tl.dot(k3, kt2),
-        b0, b1, b2, b3, g0, g1, g2, g3, USE_G)
+        a00, a11, a22, a33, a10, a20, a21, a30, a31, a32, b0, b1, b2, b3, g0, g1, g2, g3, USE_G)
     if STORE_T:
         _store_t16(t_ptr, ih, t0, eos, H, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33)
     # W = T diag(beta exp(g)) K
@@ -321,10 +326,10 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
         x2 = (k2 * b2[:, None]).to(dt)
         x3 = (k3 * b3[:, None]).to(dt)
     wh = w_ptr + ih * K
-    _store_tile(wh, _wy_rows(T00, T00, T00, T00, x0, x1, x2, x3, 0), t0, eos, HK, 0, K, 16, BK)
-    _store_tile(wh, _wy_rows(T10, T11, T11, T11, x0, x1, x2, x3, 1), t0 + 16, eos, HK, 0, K, 16, BK)
-    _store_tile(wh, _wy_rows(T20, T21, T22, T22, x0, x1, x2, x3, 2), t0 + 32, eos, HK, 0, K, 16, BK)
-    _store_tile(wh, _wy_rows(T30, T31, T32, T33, x0, x1, x2, x3, 3), t0 + 48, eos, HK, 0, K, 16, BK)
+    _store_tile(wh, _wy_rows(T00, T00, T00, T00, x0, x1, x2, x3, 0, DOT), t0, eos, HK, 0, K, 16, BK)
+    _store_tile(wh, _wy_rows(T10, T11, T11, T11, x0, x1, x2, x3, 1, DOT), t0 + 16, eos, HK, 0, K, 16, BK)
+    _store_tile(wh, _wy_rows(T20, T21, T22, T22, x0, x1, x2, x3, 2, DOT), t0 + 32, eos, HK, 0, K, 16, BK)
+    _store_tile(wh, _wy_rows(T30, T31, T32, T33, x0, x1, x2, x3, 3, DOT), t0 + 48, eos, HK, 0, K, 16, BK)
     if STORE_U:
         # U = T diag(beta) V, in column blocks of BV
         uh = u_ptr + ih * V
@@ -333,21 +338,21 @@ def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
             y1 = (_tile(vh, t0 + 16, eos, HV, c0, V, 16, BV) * b1[:, None]).to(dt)
             y2 = (_tile(vh, t0 + 32, eos, HV, c0, V, 16, BV) * b2[:, None]).to(dt)
             y3 = (_tile(vh, t0 + 48, eos, HV, c0, V, 16, BV) * b3[:, None]).to(dt)
-            _store_tile(uh, _wy_rows(T00, T00, T00, T00, y0, y1, y2, y3, 0), t0, eos, HV, c0, V, 16, BV)
-            _store_tile(uh, _wy_rows(T10, T11, T11, T11, y0, y1, y2, y3, 1), t0 + 16, eos, HV, c0, V, 16, BV)
-            _store_tile(uh, _wy_rows(T20, T21, T22, T22, y0, y1, y2, y3, 2), t0 + 32, eos, HV, c0, V, 16, BV)
-            _store_tile(uh, _wy_rows(T30, T31, T32, T33, y0, y1, y2, y3, 3), t0 + 48, eos, HV, c0, V, 16, BV)
+            _store_tile(uh, _wy_rows(T00, T00, T00, T00, y0, y1, y2, y3, 0, DOT), t0, eos, HV, c0, V, 16, BV)
+            _store_tile(uh, _wy_rows(T10, T11, T11, T11, y0, y1, y2, y3, 1, DOT), t0 + 16, eos, HV, c0, V, 16, BV)
+            _store_tile(uh, _wy_rows(T20, T21, T22, T22, y0, y1, y2, y3, 2, DOT), t0 + 32, eos, HV, c0, V, 16, BV)
+            _store_tile(uh, _wy_rows(T30, T31, T32, T33, y0, y1, y2, y3, 3, DOT), t0 + 48, eos, HV, c0, V, 16, BV)
     if DO_DVL:
         # dVl = scale (K Q^T * exp(g_i - g_j))_{i >= j} dO : the part of dVn that the chain does not carry
         kf = _tile(kh, t0, eos, HK, 0, K, 64, BK)
         qt = _tile_t(q_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
         gf = tl.cumsum(_vec(g_ptr + ih, t0, eos, H, 64), 0) if USE_G else _vec(beta_ptr + ih, t0, eos, H, 64)
-        _local_dv(tl.dot(kf, qt), gf, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G)
+        _local_dv(tl.dot(kf, qt, input_precision=DOT), gf, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G, DOT)
 
 
 @triton.jit
 def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K,
-             BK: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr):
+             BK: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
     """The cumulative in-chunk gate and T = (I + Akk)^-1 of one (chunk, head): the 16 x 16 blocks
     of K K^T accumulated over K slices of BK, then _solve16. Small blocks: run it with few warps."""
     pid = tl.program_id(0)
@@ -373,16 +378,16 @@ def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K
         kt0 = _tile_t(kh, t0, eos, HK, c0, K, 16, BK)
         kt1 = _tile_t(kh, t0 + 16, eos, HK, c0, K, 16, BK)
         kt2 = _tile_t(kh, t0 + 32, eos, HK, c0, K, 16, BK)
-        a00 += tl.dot(k0, kt0)
-        a11 += tl.dot(k1, kt1)
-        a22 += tl.dot(k2, kt2)
-        a33 += tl.dot(k3, _tile_t(kh, t0 + 48, eos, HK, c0, K, 16, BK))
-        a10 += tl.dot(k1, kt0)
-        a20 += tl.dot(k2, kt0)
-        a21 += tl.dot(k2, kt1)
-        a30 += tl.dot(k3, kt0)
-        a31 += tl.dot(k3, kt1)
-        a32 += tl.dot(k3, kt2)
+        a00 += tl.dot(k0, kt0, input_precision=DOT)
+        a11 += tl.dot(k1, kt1, input_precision=DOT)
+        a22 += tl.dot(k2, kt2, input_precision=DOT)
+        a33 += tl.dot(k3, _tile_t(kh, t0 + 48, eos, HK, c0, K, 16, BK), input_precision=DOT)
+        a10 += tl.dot(k1, kt0, input_precision=DOT)
+        a20 += tl.dot(k2, kt0, input_precision=DOT)
+        a21 += tl.dot(k2, kt1, input_precision=DOT)
+        a30 += tl.dot(k3, kt0, input_precision=DOT)
+        a31 += tl.dot(k3, kt1, input_precision=DOT)
+        a32 += tl.dot(k3, kt2, input_precision=DOT)
     b0, b1, b2, b3, g0, g1, g2, g3 = _gates16(beta_ptr, g_ptr, gc_ptr, ih, t0, eos, H, USE_G)
     T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _solve16(
         a00, a11, a22, a33, a10, a20, a21, a30, a31, a32, b0, b1, b2, b3, g0, g1, g2, g3, USE_G)
@@ -393,7 +398,7 @@ def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K
 def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
              cu_ptr, idx_ptr, T, NT, H, K, V,
              BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-             STORE_U: tl.constexpr, DO_DVL: tl.constexpr):
+             STORE_U: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
     """W = T diag(beta exp(g)) K, U = T diag(beta) V (full 64-row products with T from wy_solve),
     and for the backward dVl = scale (Q K^T * D)^T dO, the part of dVn the chain does not carry."""
     pid = tl.program_id(0)
@@ -406,17 +411,17 @@ def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr,
     beta, g, bg = _beta_gate64(beta_ptr, gc_ptr, ih, t0, eos, H, USE_G)
     for c0 in range(0, K, BK):
         x = (_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK) * bg[:, None]).to(dt)
-        _store_tile(w_ptr + ih * K, tl.dot(tm, x), t0, eos, HK, c0, K, 64, BK)
+        _store_tile(w_ptr + ih * K, tl.dot(tm, x, input_precision=DOT), t0, eos, HK, c0, K, 64, BK)
     if STORE_U:
         for c0 in range(0, V, BV):
             y = (_tile(v_ptr + ih * V, t0, eos, HV, c0, V, 64, BV) * beta[:, None]).to(dt)
-            _store_tile(u_ptr + ih * V, tl.dot(tm, y), t0, eos, HV, c0, V, 64, BV)
+            _store_tile(u_ptr + ih * V, tl.dot(tm, y, input_precision=DOT), t0, eos, HV, c0, V, 64, BV)
     if DO_DVL:
         a = tl.zeros([64, 64], dtype=tl.float32)
         for c0 in range(0, K, BK):
             a += tl.dot(_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK),
-                        _tile_t(q_ptr + ih * K, t0, eos, HK, c0, K, 64, BK))
-        _local_dv(a, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G)
+                        _tile_t(q_ptr + ih * K, t0, eos, HK, c0, K, 64, BK), input_precision=DOT)
+        _local_dv(a, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G, DOT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +449,7 @@ def _segment(seg_ptr, s, cu_ptr, T, IS_VARLEN: tl.constexpr):
 def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr,
                    s, ih, c0, tb, eos, nc, goff, H, K, V,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, INIT: tl.constexpr,
-                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, TRANSITION: tl.constexpr):
+                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, TRANSITION: tl.constexpr, DOT: tl.constexpr):
     """S <- exp(gl) S + Kd^T (U - W S) over the segment's chunks, S in fp32. INIT: 0 zero, 1 from
     init_ptr[s]. STORE: S at every chunk start and Vn. TRANSITION: the dense transition instead
     (U = 0, S starts at the identity; columns index K)."""
@@ -466,10 +471,10 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
         if STORE:
             _store_state(h_ptr + ((goff + it) * H + ih).to(tl.int64) * K * V, st, K, V, c0, BK, BV)
         if TRANSITION:
-            vn = -tl.dot(w, st.to(w.dtype))
+            vn = -tl.dot(w, st.to(w.dtype), input_precision=DOT)
         else:
             u = _tile(u_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-            vn = u.to(tl.float32) - tl.dot(w, st.to(w.dtype))
+            vn = u.to(tl.float32) - tl.dot(w, st.to(w.dtype), input_precision=DOT)
         if STORE:
             _store_tile(vn_ptr + ih * V, vn, t0, eos, HV, c0, V, 64, BV)
         if USE_G:
@@ -478,7 +483,7 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
             g = _vec(gc_ptr + ih, t0, eos, H, 64)
             kt = (kt * tl.exp(gl - g)[None, :]).to(w.dtype)
             st = st * tl.exp(gl)
-        st += tl.dot(kt, vn.to(w.dtype))
+        st += tl.dot(kt, vn.to(w.dtype), input_precision=DOT)
     if WRITE_FINAL:
         if TRANSITION:
             _store_state(out_ptr + sb * K * K, st, K, K, c0, BK, BV)
@@ -490,7 +495,7 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
 def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_ptr, dvn_ptr, out_ptr,
                    s, ih, c0, tb, eos, nc, goff, scale, H, K, V,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, INIT: tl.constexpr,
-                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr):
+                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, DOT: tl.constexpr):
     """The adjoint chain, last chunk first: with dS the gradient of the chunk's end state,
     dVn = dVl + Kd dS;  dS <- exp(gl) dS + scale (Q exp(g))^T dO - W^T dVn."""
     HK = H * K
@@ -518,12 +523,12 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_pt
             qt = (qt * (tl.exp(g) * scale)[None, :]).to(wt.dtype)
         else:
             qt = (qt * scale).to(wt.dtype)
-        dvn = dvl.to(tl.float32) + tl.dot(kk, ds.to(wt.dtype))
+        dvn = dvl.to(tl.float32) + tl.dot(kk, ds.to(wt.dtype), input_precision=DOT)
         if STORE:
             _store_tile(dvn_ptr + ih * V, dvn, t0, eos, HV, c0, V, 64, BV)
         if USE_G:
             ds = ds * tl.exp(gl)
-        ds += tl.dot(qt, do) - tl.dot(wt, dvn.to(wt.dtype))
+        ds += tl.dot(qt, do, input_precision=DOT) - tl.dot(wt, dvn.to(wt.dtype), input_precision=DOT)
     if WRITE_FINAL:
         _store_state(out_ptr + sb * K * V, ds, K, V, c0, BK, BV)
 
@@ -534,7 +539,8 @@ def state_pass(q_ptr, k_ptr, gc_ptr, w_ptr, u_ptr, do_ptr, dvl_ptr,
                scale, seg_ptr, cu_ptr, T, H, K, V, NVB,
                BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
                FORWARD: tl.constexpr, REVERSE: tl.constexpr, FWD_V: tl.constexpr, WITH_M: tl.constexpr,
-               FINIT: tl.constexpr, RINIT: tl.constexpr, STORE: tl.constexpr, WRITE_FINAL: tl.constexpr):
+               FINIT: tl.constexpr, RINIT: tl.constexpr, STORE: tl.constexpr, WRITE_FINAL: tl.constexpr,
+               DOT: tl.constexpr):
     """Grid (column blocks, segments x heads, FORWARD + REVERSE). Forward programs: the first NVB
     column blocks run the state over V (FWD_V), the next ones the transition over K (WITH_M).
     Reverse programs: the gradient chain over V. The directions are independent, so a backward
@@ -553,26 +559,27 @@ def state_pass(q_ptr, k_ptr, gc_ptr, w_ptr, u_ptr, do_ptr, dvl_ptr,
             if iv < NVB:
                 _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, fout_ptr,
                                s, ih, iv * BV, tb, eos, nc, goff, H, K, V,
-                               BK, BV, USE_G, FINIT, STORE, WRITE_FINAL, False)
+                               BK, BV, USE_G, FINIT, STORE, WRITE_FINAL, False, DOT)
             elif WITH_M:
                 _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, m_ptr,
                                s, ih, (iv - NVB) * BV, tb, eos, nc, goff, H, K, K,
-                               BK, BV, USE_G, 0, False, True, True)
+                               BK, BV, USE_G, 0, False, True, True, DOT)
         elif WITH_M:
             _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, m_ptr,
                            s, ih, iv * BV, tb, eos, nc, goff, H, K, K,
-                           BK, BV, USE_G, 0, False, True, True)
+                           BK, BV, USE_G, 0, False, True, True, DOT)
     elif iv < NVB:
         _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, rinit_ptr, dh_ptr, dvn_ptr, rout_ptr,
                        s, ih, iv * BV, tb, eos, nc, goff, scale, H, K, V,
-                       BK, BV, USE_G, RINIT, STORE, WRITE_FINAL)
+                       BK, BV, USE_G, RINIT, STORE, WRITE_FINAL, DOT)
 
 
 @triton.jit
 def segment_scan(m_ptr, fsum_ptr, rsum_ptr, h0_ptr, start_ptr, ht_ptr, dht_ptr, grad_ptr, dh0_ptr,
                  segoff_ptr, H, K, V,
                  BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr,
-                 FORWARD: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr):
+                 FORWARD: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr,
+                 DOT: tl.constexpr):
     """Across the segments of one document, in fp32: forward S_in(s+1) = M_s S_in(s) + dS_s from h0
     (writes every S_in and ht); reverse G(s-1) = M_s^T G(s) + D_s from dht (writes every G, the
     gradient of segment s's end state, and dh0). The product contracts over K in blocks of KB
@@ -639,7 +646,7 @@ def segment_scan(m_ptr, fsum_ptr, rsum_ptr, h0_ptr, start_ptr, ht_ptr, dht_ptr, 
 @triton.jit
 def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
            cu_ptr, idx_ptr, T, NT, H, K, V,
-           BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr):
+           BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     c0 = tl.program_id(2) * BV
@@ -652,13 +659,13 @@ def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
     vn = _tile(vn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
     o_i = tl.arange(0, 64)
     causal = o_i[:, None] >= o_i[None, :]
-    a = tl.dot(q, kt)
+    a = tl.dot(q, kt, input_precision=DOT)
     if USE_G:
         g = _vec(gc_ptr + ih, t0, eos, H, 64)
         a = a * _ratio(g[:, None] - g[None, :], causal)
         q = (q * tl.exp(g)[:, None]).to(kt.dtype)
     a = tl.where(causal, a, 0.0).to(kt.dtype)
-    o = (tl.dot(q, s) + tl.dot(a, vn)) * scale
+    o = (tl.dot(q, s, input_precision=DOT) + tl.dot(a, vn, input_precision=DOT)) * scale
     _store_tile(o_ptr + ih * V, o, t0, eos, HV, c0, V, 64, BV)
 
 
@@ -670,7 +677,7 @@ def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
 def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
             dq_ptr, dk_ptr, dw_ptr, dg_ptr, scale,
             cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
-            BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr):
+            BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
     """dq (final), dk (the part through outputs and chain, fp32), dW = -dVn S^T and the partial
     gate gradient of this K block (w.r.t. the cumulative gate)."""
     pid = tl.program_id(0)
@@ -695,11 +702,11 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
         dvn = _tile(dvn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         ht = _state_tile_t(h_ptr + st, K, V, c0, BK, BV, k0)
         dht = _state_tile_t(dh_ptr + st, K, V, c0, BK, BV, k0)
-        dohT += tl.dot(do, ht)
-        vndhT += tl.dot(vn, dht)
-        dvnhT += tl.dot(dvn, ht)
-        dp += tl.dot(do, vnt)
-        dpt += tl.dot(vn, dot_)
+        dohT += tl.dot(do, ht, input_precision=DOT)
+        vndhT += tl.dot(vn, dht, input_precision=DOT)
+        dvnhT += tl.dot(dvn, ht, input_precision=DOT)
+        dp += tl.dot(do, vnt, input_precision=DOT)
+        dpt += tl.dot(vn, dot_, input_precision=DOT)
         if USE_G:
             hdh += ht.to(tl.float32) * dht.to(tl.float32)
     q = _tile(q_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
@@ -716,8 +723,8 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
         dpt = dpt * _ratio(g[None, :] - g[:, None], anti)
     da = tl.where(causal, dp * scale, 0.0).to(dt)
     dat = tl.where(anti, dpt * scale, 0.0).to(dt)
-    dq = tl.dot(da, k)
-    dk_in = tl.dot(dat, q)
+    dq = tl.dot(da, k, input_precision=DOT)
+    dk_in = tl.dot(dat, q, input_precision=DOT)
     if USE_G:
         dq += dohT * (tl.exp(g) * scale)[:, None]
         kd = vndhT * tl.exp(gl - g)[:, None]
@@ -744,7 +751,7 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
            dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
            cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
            BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
-           IS_VARLEN: tl.constexpr, USE_G: tl.constexpr):
+           IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
     """With dU = dVn, dW from bwd_dqk:  R = dU (beta V)^T + dW (beta exp(g) K)^T,
     dAkk = -T^T R T^T (strictly lower), dV = beta T^T dU, d(beta exp(g) K) = T^T dW, and dAkk
     into dk, dbeta, dg. dAkk^T = -T R^T T is formed from its own products (no transposes)."""
@@ -766,9 +773,9 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
         dut = _tile_t(dvn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         v = _tile(v_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         vt = _tile_t(v_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-        r += tl.dot(du, (vt * beta[None, :]).to(dt))
-        rt += tl.dot((v * beta[:, None]).to(dt), dut)
-        dut_ = tl.dot(tmt, du)  # T^T dU
+        r += tl.dot(du, (vt * beta[None, :]).to(dt), input_precision=DOT)
+        rt += tl.dot((v * beta[:, None]).to(dt), dut, input_precision=DOT)
+        dut_ = tl.dot(tmt, du, input_precision=DOT)  # T^T dU
         dbeta += tl.sum(dut_ * v.to(tl.float32), 1)
         _store_tile(dv_ptr + ih * V, dut_ * beta[:, None], t0, eos, HV, c0, V, 64, BV)
     for k0 in range(0, K, BK):
@@ -776,15 +783,15 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
         dwt = _tile_t(dw_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         k = _tile(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         kt = _tile_t(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
-        r += tl.dot(dw, (kt * bg[None, :]).to(dt))
-        rt += tl.dot((k * bg[:, None]).to(dt), dwt)
+        r += tl.dot(dw, (kt * bg[None, :]).to(dt), input_precision=DOT)
+        rt += tl.dot((k * bg[:, None]).to(dt), dwt, input_precision=DOT)
     tmf = tm.to(tl.float32)
     tmtf = tmt.to(tl.float32)
     o_i = tl.arange(0, 64)
     lower = o_i[:, None] > o_i[None, :]
     upper = o_i[:, None] < o_i[None, :]
-    y = -tl.dot(tl.dot(tmtf, r), tmtf)  # dAkk
-    yt = -tl.dot(tl.dot(tmf, rt), tmf)  # dAkk^T
+    y = -tl.dot(tl.dot(tmtf, r, input_precision=DOT), tmtf, input_precision=DOT)  # dAkk
+    yt = -tl.dot(tl.dot(tmf, rt, input_precision=DOT), tmf, input_precision=DOT)  # dAkk^T
     if USE_G:
         y = y * _ratio(g[:, None] - g[None, :], lower)
         yt = yt * _ratio(g[None, :] - g[:, None], upper)
@@ -797,9 +804,9 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
         k = _tile(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         kf = k.to(tl.float32)
         dw = _tile(dw_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
-        dwt_ = tl.dot(tmt, dw)  # T^T dW = d(beta exp(g) K)
-        yk = tl.dot(yk_dt, k)
-        xtk = tl.dot(xt_dt, k)
+        dwt_ = tl.dot(tmt, dw, input_precision=DOT)  # T^T dW = d(beta exp(g) K)
+        yk = tl.dot(yk_dt, k, input_precision=DOT)
+        xtk = tl.dot(xt_dt, k, input_precision=DOT)
         dkp = _tile(dkp_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         dk = dkp + dwt_ * bg[:, None] + yk * beta[:, None] + xtk
         _store_tile(dk_ptr + ih * K, dk, t0, eos, HK, k0, K, 64, BK)
