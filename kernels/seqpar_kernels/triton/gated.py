@@ -350,7 +350,10 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
     tl.store(base + (rows * (H * C) + o_b + o_l[None, None, :]), b_Ad, mask=rows < n_t)
     if BACKWARD:
         b_dA = tl.zeros([C, C], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
+        # not software-pipelined: on Hopper, Triton 3.6's pipelined version (async copies into two
+        # buffers and async wgmma) gave wrong dA once the loop reuses its buffers (V > 2 BV)
+        NV: tl.constexpr = (V + BV - 1) // BV
+        for i_v in tl.range(0, NV, num_stages=1):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
             b_do = _tile(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
