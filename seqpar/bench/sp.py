@@ -33,7 +33,7 @@ from seqpar_kernels.backends import resolve
 from seqpar_kernels.explicit import Call, explicit_kernel
 from seqpar_kernels.testing import random_inputs, rel_err
 
-from .timing import host_ms, init_distributed, kernel_breakdown, median_ms, sync
+from .timing import host_ms, init_distributed, kernel_breakdown, median_ms, start_together
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -269,8 +269,7 @@ def main(args) -> int:
                     if args.profile and device.type == "cuda":
                         # compute kernels summed against sp_ms: the rest is the GPU idle; NCCL kernels are
                         # listed apart (their time includes waiting for the other rank)
-                        sync(device)
-                        dist.barrier()
+                        start_together(device)
                         kernels = kernel_breakdown(run)
                         compute = [r for r in kernels if not r["kernel"].startswith("nccl")]
                         row["profile"] = {"compute_kernels_ms_sum": sum(r["ms"] for r in compute),

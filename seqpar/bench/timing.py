@@ -25,6 +25,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def start_together(device: torch.device) -> None:
+    """An idle GPU on every rank, and every rank at this point: the start of a fair measurement."""
+    sync(device)
+    dist.barrier()
+
+
+def _slowest_median(times: list[float], device: torch.device) -> float:
+    """This rank's median, maximised over the ranks (the step waits for the slowest)."""
+    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(med, op=dist.ReduceOp.MAX)
+    return med.item()
+
+
 def median_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> float:
     """Median milliseconds of fn() over `repeat` runs after `warmup`; every rank starts each run
     together and the slowest rank's median is returned on all ranks (the step waits for it)."""
@@ -32,8 +45,7 @@ def median_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> fl
         fn()
     times = []
     for _ in range(repeat):
-        sync(device)
-        dist.barrier()
+        start_together(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -45,9 +57,7 @@ def median_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> fl
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+    return _slowest_median(times, device)
 
 
 def host_ms(fn, device: torch.device, repeat: int = 10) -> float:
@@ -55,15 +65,12 @@ def host_ms(fn, device: torch.device, repeat: int = 10) -> float:
     the end). Near the GPU time of fn, the GPU waits for the host: the call is launch-bound."""
     times = []
     for _ in range(repeat):
-        sync(device)
-        dist.barrier()
+        start_together(device)
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     sync(device)
-    med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+    return _slowest_median(times, device)
 
 
 def kernel_breakdown(fn) -> list[dict]:

@@ -39,6 +39,13 @@ class Plan:
         return self.seq_first.numel()
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision of every tl.dot: full fp32 for fp32 inputs (Triton's default, TF32, errs
+    ~1e-3; the compile option default_dot_input_precision does not reach the kernels), else tf32
+    (which 16-bit operands ignore)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def default_segment_chunks(total_chunks: int, programs_per_segment: int, device: torch.device) -> int:
     """Chunks per segment: enough segments that a state pass fills the GPU about four times over,
     but no shorter than 4 chunks (shorter segments only move work into the scan)."""

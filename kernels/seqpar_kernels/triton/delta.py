@@ -28,6 +28,7 @@ import triton
 from ..explicit import Call, Grads, plus_late, reuse
 from ..variants import InputError
 from . import delta_kernels as kern
+from ._plan import dot_precision
 
 CHUNK = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -253,10 +254,8 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
 
 
 def _launch(L: _Layout, warps: int, stages: int | None = None) -> dict:
-    """Launch options: warps, pipeline depth, and the precision of the matrix products: full fp32
-    for fp32 inputs (Triton's default TF32 erred ~1.5e-3 in every output on the H100; the compile
-    option default_dot_input_precision does not reach the kernels, so each tl.dot takes DOT)."""
-    opts = dict(num_warps=warps, DOT="ieee" if L.q.dtype == torch.float32 else "tf32")
+    """Launch options: warps, pipeline depth, and the precision of the matrix products (DOT)."""
+    opts = dict(num_warps=warps, DOT=dot_precision(L.q.dtype))
     if stages is not None:
         opts["num_stages"] = _stages(L, stages)
     return opts
@@ -310,7 +309,7 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
     kern.segment_scan[(triton.cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
         m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
         segoff, L.H, L.K, L.V, BK=L.BK, BV=bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
-        USE_H0=h0 is not None, USE_DHT=dht is not None, **_launch(L, 4))
+        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
     # 3. the per-chunk states, every segment from its true start
     if store:
         _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do,

@@ -578,8 +578,7 @@ def state_pass(q_ptr, k_ptr, gc_ptr, w_ptr, u_ptr, do_ptr, dvl_ptr,
 def segment_scan(m_ptr, fsum_ptr, rsum_ptr, h0_ptr, start_ptr, ht_ptr, dht_ptr, grad_ptr, dh0_ptr,
                  segoff_ptr, H, K, V,
                  BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr,
-                 FORWARD: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr,
-                 DOT: tl.constexpr):
+                 FORWARD: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr, USE_DHT: tl.constexpr):
     """Across the segments of one document, in fp32: forward S_in(s+1) = M_s S_in(s) + dS_s from h0
     (writes every S_in and ht); reverse G(s-1) = M_s^T G(s) + D_s from dht (writes every G, the
     gradient of segment s's end state, and dh0). The product contracts over K in blocks of KB

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ..explicit import Call, Grads, plus_late, reuse
-from ._plan import Plan, default_segment_chunks, make_plan
+from ._plan import Plan, default_segment_chunks, dot_precision, make_plan
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
 CHUNK = 64
@@ -584,7 +584,7 @@ class _Setup:
         self.V = self.v.shape[-1]
         self.rows = B * T
         self.dev = self.q.device
-        self.dot = "ieee" if self.q.dtype == torch.float32 else "tf32"
+        self.dot = dot_precision(self.q.dtype)
         # bf16 states hold what the bf16 matrix products use anyway; fp16 would overflow
         self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
         self.bk, self.bv, self.launch = self.tiles("state")
