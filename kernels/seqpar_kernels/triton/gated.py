@@ -44,8 +44,9 @@ from ._plan import Plan, default_segment_chunks, dot_precision, make_plan
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
 CHUNK = 64
+INTRA = "intra"  # memo key of the forward's intra-chunk matrix A (per-key gates), for the backward
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
-BLOCK_K = 4  # key columns per in-block product of A's diagonal blocks ([4, 16, 16, 4] tensors)
+BLOCK_K = 32  # key columns per step of the in-block pairs of A ([4, 16, 32] tensors)
 
 # (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
@@ -150,38 +151,19 @@ def _chunk_matrix(x, t0, o_t, m_t, i_h, H, C: tl.constexpr, TRANS: tl.constexpr)
 
 
 @triton.jit
-def _block_tile(x, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr,
-                ON_AXIS1: tl.constexpr):
-    """x (fp32) and the within-block cumulative log2 gate of the BC-row blocks of a chunk, for
-    columns o_k: shaped [NB, BC, 1, BKD] (rows on axis 1) or [NB, 1, BC, BKD] (rows on axis 2).
-    Inside one block G_i - G_j needs no offset from earlier blocks."""
-    o_b = tl.arange(0, NB)
-    o_l = tl.arange(0, BC)
-    if ON_AXIS1:
-        o_t = o_b[:, None, None, None] * BC + o_l[None, :, None, None]
-    else:
-        o_t = o_b[:, None, None, None] * BC + o_l[None, None, :, None]
-    m = (o_t < n) & m_k[None, None, None, :]
-    off = o_t * (H * K) + o_k[None, None, None, :]
-    base = (t0 * H + i_h) * K
-    b_x = tl.load(x + base + off, mask=m, other=0).to(tl.float32)
-    b_g = tl.load(g + base + off, mask=m, other=0).to(tl.float32) * LOG2E
-    if ON_AXIS1:
-        b_G = tl.cumsum(b_g, 1)
-    else:
-        b_G = tl.cumsum(b_g, 2)
-    return b_x, b_G
+def _blocks(t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr):
+    """Offsets and mask of a chunk's rows, columns o_k, as [NB, BC, BK] (block, row in the block,
+    key): the pairs inside a block are formed for every block at once."""
+    rows = tl.arange(0, NB)[:, None] * BC + tl.arange(0, BC)[None, :]
+    off = (t0 * H + i_h) * K + (rows[:, :, None] * (H * K) + o_k[None, None, :])
+    return off, (rows < n)[:, :, None] & m_k[None, None, :]
 
 
 @triton.jit
-def _intra_block(a, b, g, t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr):
-    """P[blk, r, c] = sum_k a_rk b_ck exp2(G_rk - G_ck) over the pairs of one block with r >= c
-    (0 elsewhere): a=q, b=k give A's diagonal blocks."""
-    b_a, b_Ga = _block_tile(a, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, True)
-    b_b, b_Gb = _block_tile(b, g, t0, n, i_h, H, K, o_k, m_k, NB, BC, False)
-    o_l = tl.arange(0, BC)
-    b_e = tl.where(o_l[None, :, None, None] >= o_l[None, None, :, None], b_Ga - b_Gb, float("-inf"))
-    return tl.sum(b_a * b_b * tl.exp2(b_e), 3)
+def _block_row(t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr, l):
+    """Offsets and mask of row l of every block, columns o_k: [NB, BK]."""
+    p = tl.arange(0, NB) * BC + l
+    return (t0 * H + i_h) * K + (p[:, None] * (H * K) + o_k[None, :]), (p < n)[:, None] & m_k[None, :]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,9 +285,11 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
 @triton.jit
 def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_seg, H,
                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                      BC: tl.constexpr, BKD: tl.constexpr, BACKWARD: tl.constexpr, DOT: tl.constexpr):
-    """One chunk and head: A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) for j <= i (0 elsewhere), fp32,
-    unscaled. BACKWARD also stores dA_ij = do_i . v_j for j <= i and the cumulative log2 gate G."""
+                      BC: tl.constexpr, BKD: tl.constexpr, FORM_A: tl.constexpr, BACKWARD: tl.constexpr,
+                      DOT: tl.constexpr):
+    """One chunk and head. FORM_A: A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) for j <= i (0 elsewhere),
+    fp32, unscaled. BACKWARD: dA_ij = do_i . v_j for j <= i and the cumulative log2 gate G (a
+    backward that kept the forward's A runs without FORM_A)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     NK: tl.constexpr = (K + BK - 1) // BK
     NB: tl.constexpr = C // BC
@@ -314,40 +298,56 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
     m_t = o_t < n_t
     dt = q.dtype.element_ty
     b_A = tl.zeros([C, C], dtype=tl.float32)
-    b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)  # the diagonal blocks
     for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-        b_kt = _tile_t(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         b_G = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)[0]
-        b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         if BACKWARD:
             tl.store(Gs + (t0 * H + i_h) * K + (o_t[:, None] * (H * K) + o_k[None, :]), b_G,
                      mask=m_t[:, None] & m_k[None, :])
-        # pairs in different blocks, through the reference G_r = first row of the later token's
-        # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
-        for b in tl.static_range(1, NB):
-            in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
-            before = o_t < b * BC
-            b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_G, 0.0), 0)
-            b_rt = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gt, 0.0), 1)
-            b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_G - b_r[None, :], 0.0)), 0.0)
-            b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_rt[:, None] - b_Gt, 0.0)),
-                            0.0)
-            b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
-        # pairs inside a block, element by element, BKD key columns at a time
-        for p in range(BK // BKD):
-            o_kd = i_k * BK + p * BKD + tl.arange(0, BKD)
-            b_Ad += _intra_block(q, k, g, t0, n_t, i_h, H, K, o_kd, o_kd < K, NB, BC)
-    base = A + (t0 * H + i_h) * C
-    # b_A is zero in and above the diagonal blocks, which are stored from b_Ad
-    other_block = (o_t[:, None] // BC) != (o_t[None, :] // BC)
-    tl.store(base + (o_t[:, None] * (H * C) + o_t[None, :]), b_A, mask=m_t[:, None] & other_block)
-    o_b = tl.arange(0, NB)[:, None, None] * BC
-    o_l = tl.arange(0, BC)
-    rows = o_b + o_l[None, :, None]
-    tl.store(base + (rows * (H * C) + o_b + o_l[None, None, :]), b_Ad, mask=rows < n_t)
+        if FORM_A:
+            b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            b_kt = _tile_t(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+            # pairs in different blocks, through the reference G_r = first row of the later token's
+            # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
+            for b in tl.static_range(1, NB):
+                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+                before = o_t < b * BC
+                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_G, 0.0), 0)
+                b_rt = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gt, 0.0), 1)
+                b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_G - b_r[None, :], 0.0)), 0.0)
+                b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_rt[:, None] - b_Gt, 0.0)),
+                                0.0)
+                b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
+    if FORM_A:
+        # pairs inside a block: step j forms column j of every diagonal block from row j of each
+        # block ([NB, BKD] loads) against all rows ([NB, BC, BKD] in registers); the exponents are
+        # differences of within-block cumulative gates (rows past the end add g = 0)
+        NKD: tl.constexpr = (K + BKD - 1) // BKD
+        o_l = tl.arange(0, BC)
+        b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)
+        for i_k in range(NKD):
+            o_k = i_k * BKD + tl.arange(0, BKD)
+            m_k = o_k < K
+            off3, m3 = _blocks(t0, n_t, i_h, H, K, o_k, m_k, NB, BC)
+            b_q3 = tl.load(q + off3, mask=m3, other=0).to(tl.float32)
+            b_W3 = tl.cumsum(tl.load(g + off3, mask=m3, other=0).to(tl.float32) * LOG2E, 1)
+            b_Wj = tl.zeros([NB, BKD], dtype=tl.float32)
+            for j in range(BC):
+                off_j, m_j = _block_row(t0, n_t, i_h, H, K, o_k, m_k, NB, BC, j)
+                b_kj = tl.load(k + off_j, mask=m_j, other=0).to(tl.float32)
+                b_Wj += tl.load(g + off_j, mask=m_j, other=0).to(tl.float32) * LOG2E
+                b_e = tl.exp2(tl.where((o_l >= j)[None, :, None], b_W3 - b_Wj[:, None, :], float("-inf")))
+                b_col = tl.sum(b_q3 * b_kj[:, None, :] * b_e, 2)
+                b_Ad += tl.where(o_l[None, None, :] == j, b_col[:, :, None], 0.0)
+        base = A + (t0 * H + i_h) * C
+        # b_A is zero in and above the diagonal blocks, which are stored from b_Ad
+        other_block = (o_t[:, None] // BC) != (o_t[None, :] // BC)
+        tl.store(base + (o_t[:, None] * (H * C) + o_t[None, :]), b_A, mask=m_t[:, None] & other_block)
+        o_b = tl.arange(0, NB)[:, None, None] * BC
+        rows = o_b + o_l[None, :, None]
+        tl.store(base + (rows * (H * C) + o_b + o_l[None, None, :]), b_Ad, mask=rows < n_t)
     if BACKWARD:
         b_dA = tl.zeros([C, C], dtype=tl.float32)
         # not software-pipelined: on Hopper, Triton 3.6's pipelined version (async copies into two
@@ -533,26 +533,35 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
             b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
             b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dAb, b_kb, input_precision=DOT)
             b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAtb, b_qb, input_precision=DOT)
-        # pairs inside a block: step l pairs every row i with its block's row p: p <= i makes p the
-        # earlier token (a dq_i term), p >= i the later one (a dk_i term); one exp2 serves both as
-        # the exponent is G_later - G_earlier either way. Operands gathered by row (cache hits).
-        o_l = o_t % BC
-        first = o_t - o_l
-        row = (t0 * H + i_h) * K
+        # pairs inside a block, every block at once ([NB, BC, BK]): step l pairs each row i with row
+        # l of its block (loaded as [NB, BK]): l <= i makes l the earlier token (a dq_i term), l >= i
+        # the later one (a dk_i term); one exp2 serves both as the exponent is G_later - G_earlier
+        o_l = tl.arange(0, BC)
+        rows = tl.arange(0, NB)[:, None] * BC + o_l[None, :]
+        in_t = rows < n_t
+        off3, m3 = _blocks(t0, n_t, i_h, H, K, o_k, m_k, NB, BC)
+        b_G3 = tl.load(G_mem + off3, mask=m3, other=0)
+        b_G3 = tl.where(in_t[:, :, None], b_G3, b_Gl[None, None, :])  # as b_Gq: no exponent > 0
+        b_dq3 = tl.zeros([NB, BC, BK], dtype=tl.float32)
+        b_dk3 = tl.zeros([NB, BC, BK], dtype=tl.float32)
+        a_base = dA_mem + (t0 * H + i_h) * C
         for l in range(BC):
-            p = first + l
-            ok_q = m_t & (l <= o_l)  # every such p is in the chunk
-            ok_k = m_t & (l >= o_l) & (p < n_t)
-            off_p = p[:, None] * (H * K) + o_k[None, :]
-            b_pk = tl.load(k + row + off_p, mask=ok_q[:, None] & m_k[None, :], other=0).to(tl.float32)
-            b_pq = tl.load(q + row + off_p, mask=ok_k[:, None] & m_k[None, :], other=0).to(tl.float32)
-            b_pG = tl.load(g_base + off_p, mask=(ok_q | ok_k)[:, None] & m_k[None, :], other=0)
-            b_da = tl.load(dA_mem + (t0 * H + i_h) * C + (o_t * (H * C) + p), mask=ok_q, other=0) * scale
-            b_dat = tl.load(dA_mem + (t0 * H + i_h) * C + (p * (H * C) + o_t), mask=ok_k, other=0) * scale
-            b_e = tl.where(ok_q[:, None], b_Gq - b_pG, tl.where(ok_k[:, None], b_pG - b_Gq, float("-inf")))
+            off_l, m_l = _block_row(t0, n_t, i_h, H, K, o_k, m_k, NB, BC, l)
+            p = rows - o_l[None, :] + l  # row l of each row's block
+            ok_q = in_t & (o_l[None, :] >= l)  # every such p is in the chunk
+            ok_k = in_t & (o_l[None, :] <= l) & (p < n_t)
+            b_kl = tl.load(k + off_l, mask=m_l, other=0).to(tl.float32)
+            b_ql = tl.load(q + off_l, mask=m_l, other=0).to(tl.float32)
+            b_Gp = tl.load(G_mem + off_l, mask=m_l, other=0)
+            b_da = tl.load(a_base + (rows * (H * C) + p), mask=ok_q, other=0) * scale
+            b_dat = tl.load(a_base + (p * (H * C) + rows), mask=ok_k, other=0) * scale
+            b_e = tl.where(ok_q[:, :, None], b_G3 - b_Gp[:, None, :],
+                           tl.where(ok_k[:, :, None], b_Gp[:, None, :] - b_G3, float("-inf")))
             b_e = tl.exp2(b_e)
-            b_dq += b_da[:, None] * b_e * b_pk
-            b_dk += b_dat[:, None] * b_e * b_pq
+            b_dq3 += b_da[:, :, None] * b_e * b_kl[:, None, :]
+            b_dk3 += b_dat[:, :, None] * b_e * b_ql[:, None, :]
+        b_dq += tl.reshape(b_dq3, [C, BK])
+        b_dk += tl.reshape(b_dk3, [C, BK])
     m = m_t[:, None] & m_k[None, :]
     off = (t0 * H + i_h) * K
     tl.store(dq + off + (o_t[:, None] * (H * K) + o_k[None, :]), b_dq.to(dq.dtype.element_ty), mask=m)
@@ -658,18 +667,21 @@ class _Setup:
             REVERSE=reverse, DOT=self.dot, **launch)
         return out
 
-    def intra(self, do=None):
+    def intra(self, do=None, A=None):
         """Per-key gates: the intra-chunk matrix A [rows, H, C] (fp32, unscaled); given do (backward)
-        also dA = do v^T [rows, H, C] and the cumulative log2 gate G [rows, H, K]."""
+        also dA = do v^T [rows, H, C] and the cumulative log2 gate G [rows, H, K]; an A passed in (the
+        forward's) is not formed again."""
         backward = do is not None
-        A = self.empty(self.rows, self.H, CHUNK)
+        form_a = A is None
+        if form_a:
+            A = self.empty(self.rows, self.H, CHUNK)
         dA = self.empty(self.rows, self.H, CHUNK) if backward else A
         G = self.empty(self.rows, self.H, self.K) if backward else A
         bk, bv, launch = self.tiles("intra")
         _gla_intra_kernel[(self.plan.n_chunks, self.H)](
             self.q, self.k, self.g, self.v, do if backward else self.v, A, dA, G, *self.chunk_args(), self.H,
-            K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=BLOCK_K, BACKWARD=backward, DOT=self.dot,
-            **launch)
+            K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=tile(self.K, BLOCK_K), FORM_A=form_a,
+            BACKWARD=backward, DOT=self.dot, **launch)
         return (A, dA, G) if backward else A
 
     def chunk_args(self):
@@ -723,6 +735,8 @@ def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
     states, cdec, seg_state, seg_dec = _segment_states(st, call, "forward", st.k, st.v, reverse=False, keep=False)
     seg_in, ht = st.scan(seg_state, seg_dec, plus_late(h0, h0_late), reverse=False, store_in=True)
     A = st.intra() if st.gate == 2 else None
+    if A is not None and call.memo is not None:  # kept for a backward on the same Call
+        call.memo[INTRA] = (None, A)
     return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False, A=A), ht
 
 
@@ -758,7 +772,10 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
     bk, bv, launch = st.tiles("dqk")
     nk = triton.cdiv(K, bk)
     dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
-    A, dA, G = st.intra(do) if st.gate == 2 else (None, st.q, st.q)
+    if st.gate == 2:
+        A, dA, G = st.intra(do, reuse(call.memo, INTRA, None, False, lambda: None))
+    else:
+        A, dA, G = None, st.q, st.q
     if st.gate == 1:
         dg = st.empty(nk, *st.g.shape)  # partial sums over K tiles
     elif st.gate == 2:
