@@ -46,7 +46,6 @@ LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is th
 CHUNK = 64
 INTRA = "intra"  # memo key of the forward's intra-chunk matrix A (per-key gates), for the backward
 BLOCK = 16  # sub-chunk of the per-key intra-chunk products
-BLOCK_K = 32  # key columns per step of the in-block pairs of A ([4, 16, 32] tensors)
 
 # (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
@@ -58,7 +57,7 @@ TILES = {
     "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
     "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
     "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
-    "intra": {2: (16, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
+    "intra": {2: (32, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
     _name, _gate = _key.split(":")
@@ -157,6 +156,14 @@ def _blocks(t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.c
     rows = tl.arange(0, NB)[:, None] * BC + tl.arange(0, BC)[None, :]
     off = (t0 * H + i_h) * K + (rows[:, :, None] * (H * K) + o_k[None, None, :])
     return off, (rows < n)[:, :, None] & m_k[None, None, :]
+
+
+@triton.jit
+def _blocks_t(t0, n, i_h, H, K: tl.constexpr, o_k, m_k, NB: tl.constexpr, BC: tl.constexpr):
+    """The same, transposed: [BK, NB, BC]."""
+    rows = tl.arange(0, NB)[:, None] * BC + tl.arange(0, BC)[None, :]
+    off = (t0 * H + i_h) * K + (rows[None, :, :] * (H * K) + o_k[:, None, None])
+    return off, (rows < n)[None, :, :] & m_k[:, None, None]
 
 
 @triton.jit
@@ -285,7 +292,7 @@ def _scan_kernel(seg_state, seg_decay, h0, seg_in, h_out, seq_first, seq_count, 
 @triton.jit
 def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_seg, H,
                       K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                      BC: tl.constexpr, BKD: tl.constexpr, FORM_A: tl.constexpr, BACKWARD: tl.constexpr,
+                      BC: tl.constexpr, FORM_A: tl.constexpr, BACKWARD: tl.constexpr,
                       DOT: tl.constexpr):
     """One chunk and head. FORM_A: A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk) for j <= i (0 elsewhere),
     fp32, unscaled. BACKWARD: dA_ij = do_i . v_j for j <= i and the cumulative log2 gate G (a
@@ -297,43 +304,45 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
     t0, n_t, _ = _chunk(chunk_start, chunk_end, chunk_seg, i_c)
     m_t = o_t < n_t
     dt = q.dtype.element_ty
-    b_A = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_G = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)[0]
-        if BACKWARD:
+    if BACKWARD:
+        for i_k in range(NK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_G = _gate_key(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)[0]
             tl.store(Gs + (t0 * H + i_h) * K + (o_t[:, None] * (H * K) + o_k[None, :]), b_G,
                      mask=m_t[:, None] & m_k[None, :])
-        if FORM_A:
-            b_q = _tile(q, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-            b_kt = _tile_t(k, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-            b_Gt = _gate_key_t(g, t0, o_t, m_t, i_h, H, K, o_k, m_k)
-            # pairs in different blocks, through the reference G_r = first row of the later token's
-            # block b: exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both factors <= 1
-            for b in tl.static_range(1, NB):
-                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
-                before = o_t < b * BC
-                b_r = tl.sum(tl.where(o_t[:, None] == b * BC, b_G, 0.0), 0)
-                b_rt = tl.sum(tl.where(o_t[None, :] == b * BC, b_Gt, 0.0), 1)
-                b_qb = tl.where(in_b[:, None], b_q * tl.exp2(tl.where(in_b[:, None], b_G - b_r[None, :], 0.0)), 0.0)
-                b_kb = tl.where(before[None, :], b_kt * tl.exp2(tl.where(before[None, :], b_rt[:, None] - b_Gt, 0.0)),
-                                0.0)
-                b_A = tl.dot(b_qb.to(dt), b_kb.to(dt), b_A, input_precision=DOT)
     if FORM_A:
-        # pairs inside a block: step j forms column j of every diagonal block from row j of each
-        # block ([NB, BKD] loads) against all rows ([NB, BC, BKD] in registers); the exponents are
-        # differences of within-block cumulative gates (rows past the end add g = 0)
-        NKD: tl.constexpr = (K + BKD - 1) // BKD
+        # everything through within-block cumulative gates W (rows past the end add g = 0) and
+        # block totals T: for i in block b and j in an earlier block c,
+        #   exp2(G_i - G_j) = exp2(W_i) exp2(T_{c+1} + ... + T_{b-1}) exp2(T_c - W_j),
+        # every factor <= 1, so the pairs in different blocks are tensor-core products of bf16
+        # operands with one exp2 per element on each side
         o_l = tl.arange(0, BC)
+        o_b = tl.arange(0, NB)
+        b_A = tl.zeros([C, C], dtype=tl.float32)
         b_Ad = tl.zeros([NB, BC, BC], dtype=tl.float32)
-        for i_k in range(NKD):
-            o_k = i_k * BKD + tl.arange(0, BKD)
+        for i_k in range(NK):
+            o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
             off3, m3 = _blocks(t0, n_t, i_h, H, K, o_k, m_k, NB, BC)
             b_q3 = tl.load(q + off3, mask=m3, other=0).to(tl.float32)
             b_W3 = tl.cumsum(tl.load(g + off3, mask=m3, other=0).to(tl.float32) * LOG2E, 1)
-            b_Wj = tl.zeros([NB, BKD], dtype=tl.float32)
+            off3t, m3t = _blocks_t(t0, n_t, i_h, H, K, o_k, m_k, NB, BC)
+            b_gt3 = tl.load(g + off3t, mask=m3t, other=0).to(tl.float32) * LOG2E
+            b_Tt = tl.sum(b_gt3, 2)  # [BK, NB]
+            b_kt3 = tl.load(k + off3t, mask=m3t, other=0).to(tl.float32) * tl.exp2(b_Tt[:, :, None] - tl.cumsum(b_gt3, 2))
+            b_qh = tl.reshape(b_q3 * tl.exp2(b_W3), [C, BK]).to(dt)
+            for b in tl.static_range(1, NB):
+                # column block c < b scaled by exp2(T_{c+1} + ... + T_{b-1}); c >= b zero
+                between = (o_b[:, None] > o_b[None, :]) & (o_b[:, None] < b)  # [m, c]: c < m < b
+                b_S = tl.sum(tl.where(between[None, :, :], b_Tt[:, :, None], 0.0), 1)  # [BK, NB(c)]
+                b_F = tl.where(o_b[None, :] < b, tl.exp2(b_S), 0.0)
+                b_kb = tl.reshape(b_kt3 * b_F[:, :, None], [BK, C]).to(dt)
+                in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
+                b_A = tl.dot(tl.where(in_b[:, None], b_qh, 0.0).to(dt), b_kb, b_A, input_precision=DOT)
+            # pairs inside a block: step j forms column j of every diagonal block from row j of
+            # each block ([NB, BK] loads) against all rows ([NB, BC, BK] in registers)
+            b_Wj = tl.zeros([NB, BK], dtype=tl.float32)
             for j in range(BC):
                 off_j, m_j = _block_row(t0, n_t, i_h, H, K, o_k, m_k, NB, BC, j)
                 b_kj = tl.load(k + off_j, mask=m_j, other=0).to(tl.float32)
@@ -680,7 +689,7 @@ class _Setup:
         bk, bv, launch = self.tiles("intra")
         _gla_intra_kernel[(self.plan.n_chunks, self.H)](
             self.q, self.k, self.g, self.v, do if backward else self.v, A, dA, G, *self.chunk_args(), self.H,
-            K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, BKD=tile(self.K, BLOCK_K), FORM_A=form_a,
+            K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, BC=BLOCK, FORM_A=form_a,
             BACKWARD=backward, DOT=self.dot, **launch)
         return (A, dA, G) if backward else A
 
