@@ -532,19 +532,35 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
         b_dq = b_dq * scale * tl.exp2(b_Gq)
         b_dk = b_dk * tl.exp2(b_Gl[None, :] - b_Gq)
         b_bnd = tl.exp2(b_Gl) * b_hdh + tl.sum(b_k.to(tl.float32) * b_dk, 0)
-        # pairs in different blocks, reference G_r = first row of block b (the later token's block)
+        # pairs in different blocks: for i in block b and j in an earlier block c, with E_c = G at
+        # the end of block c (rows past the end keep G_l),
+        #   exp2(G_i - G_j) = exp2(G_i - E_{b-1}) exp2(E_{b-1} - E_c) exp2(E_c - G_j),
+        # every factor <= 1: one exp2 per element on each side, the middle one per key
+        o_blk = o_t // BC
+        end_own = tl.minimum(o_blk * BC + BC - 1, n_t - 1)
+        end_prev = tl.minimum(o_blk * BC - 1, n_t - 1)
+        b_Eown = tl.load(g_base + (end_own[:, None] * (H * K) + o_k[None, :]), mask=m_k[None, :], other=0)
+        b_Eprev = tl.load(g_base + (end_prev[:, None] * (H * K) + o_k[None, :]),
+                          mask=(end_prev >= 0)[:, None] & m_k[None, :], other=0)
+        e_q = tl.exp2(b_Gq - b_Eprev)
+        e_k = tl.exp2(b_Eown - b_Gq)
+        b_kh = b_k * e_k
+        b_qh = b_q * e_q
         b_dAb = b_dA.to(dt)
         b_dAtb = b_dAt.to(dt)
+        b_dqo = tl.zeros([C, BK], dtype=tl.float32)
+        b_dko = tl.zeros([C, BK], dtype=tl.float32)
         for b in tl.static_range(1, NB):
-            in_b = (o_t >= b * BC) & (o_t < b * BC + BC)
-            before = o_t < b * BC
-            b_r = tl.load(g_base + tl.minimum(b * BC, n_t - 1) * (H * K) + o_k, mask=m_k, other=0)
-            e_in = tl.exp2(tl.where(in_b[:, None], b_Gq - b_r[None, :], 0.0))
-            e_before = tl.exp2(tl.where(before[:, None], b_r[None, :] - b_Gq, 0.0))
-            b_kb = tl.where(before[:, None], b_k * e_before, 0.0).to(dt)
-            b_qb = tl.where(in_b[:, None], b_q * e_in, 0.0).to(dt)
-            b_dq += tl.where(in_b[:, None], e_in, 0.0) * tl.dot(b_dAb, b_kb, input_precision=DOT)
-            b_dk += tl.where(before[:, None], e_before, 0.0) * tl.dot(b_dAtb, b_qb, input_precision=DOT)
+            b_Eb = tl.load(g_base + tl.minimum(b * BC - 1, n_t - 1) * (H * K) + o_k, mask=m_k, other=0)
+            b_F = tl.zeros([C, BK], dtype=tl.float32)  # exp2(E_{b-1} - E_c) on the rows of block c < b
+            for c in tl.static_range(0, b):
+                b_Ec = tl.load(g_base + tl.minimum(c * BC + BC - 1, n_t - 1) * (H * K) + o_k, mask=m_k, other=0)
+                b_F = tl.where((o_blk == c)[:, None], tl.exp2(b_Eb - b_Ec)[None, :], b_F)
+            in_b = (o_blk == b)[:, None]
+            b_dqo += tl.where(in_b, tl.dot(b_dAb, (b_kh * b_F).to(dt), input_precision=DOT), 0.0)
+            b_dko += b_F * tl.dot(b_dAtb, tl.where(in_b, b_qh, 0.0).to(dt), input_precision=DOT)
+        b_dq += e_q * b_dqo
+        b_dk += e_k * b_dko
         # pairs inside a block, every block at once ([NB, BC, BK]): step l pairs each row i with row
         # l of its block (loaded as [NB, BK]): l <= i makes l the earlier token (a dq_i term), l >= i
         # the later one (a dk_i term); one exp2 serves both as the exponent is G_later - G_earlier
