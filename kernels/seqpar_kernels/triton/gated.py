@@ -54,9 +54,9 @@ BLOCK = 16  # sub-chunk of the per-key intra-chunk products
 # tuning runs: every setting used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
-    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
+    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
     "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
-    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (64, 64, 8, 2)},
+    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
     "intra": {2: (32, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
@@ -483,24 +483,22 @@ def _bwd_dqk_kernel(q, k, v, g, do, states, cdec_f, seg_in, dstates, cdec_r, seg
             b_vt = _tile_t(v, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         b_hl, b_hs = _state_tiles(states, seg_in, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
         b_dhl, b_dhs = _state_tiles(dstates, seg_dout, i_c, s, i_h, H, K, V, o_k, m_k, o_v, m_v, True)
-        if GATE == 2:
-            # the true states, formed once in fp32 (needed for dg anyway): one product each
-            b_h = b_hl.to(tl.float32) + b_a[None, :] * b_hs.to(tl.float32)
-            b_dh = b_dhl.to(tl.float32) + b_b[None, :] * b_dhs.to(tl.float32)
-            b_dq = tl.dot(b_do, b_h.to(dt), b_dq, input_precision=DOT)
-            b_dk = tl.dot(b_v, b_dh.to(dt), b_dk, input_precision=DOT)
-            b_hdh += tl.sum(b_h * b_dh, 0)
-        else:
-            b_dq = tl.dot(b_do, b_hl.to(dt), b_dq, input_precision=DOT)
-            b_dqs = tl.dot(b_do, b_hs.to(dt), b_dqs, input_precision=DOT)
-            b_dk = tl.dot(b_v, b_dhl.to(dt), b_dk, input_precision=DOT)
-            b_dks = tl.dot(b_v, b_dhs.to(dt), b_dks, input_precision=DOT)
+        b_dq = tl.dot(b_do, b_hl.to(dt), b_dq, input_precision=DOT)
+        b_dqs = tl.dot(b_do, b_hs.to(dt), b_dqs, input_precision=DOT)
+        b_dk = tl.dot(b_v, b_dhl.to(dt), b_dk, input_precision=DOT)
+        b_dks = tl.dot(b_v, b_dhs.to(dt), b_dks, input_precision=DOT)
+        if GATE < 2:
             b_dA = tl.dot(b_do, b_vt, b_dA, input_precision=DOT)
             b_dAt = tl.dot(b_v, b_dot, b_dAt, input_precision=DOT)
         if GATE == 1:
             b_hdh += tl.sum((b_hl.to(tl.float32) + b_a * b_hs.to(tl.float32)) *
                             (b_dhl.to(tl.float32) + b_b * b_dhs.to(tl.float32)), 0)
+        elif GATE == 2:
+            b_hdh += tl.sum((b_hl.to(tl.float32) + b_a[None, :] * b_hs.to(tl.float32)) *
+                            (b_dhl.to(tl.float32) + b_b[None, :] * b_dhs.to(tl.float32)), 0)
     if GATE == 2:
+        b_dq += b_dqs * b_a[None, :]
+        b_dk += b_dks * b_b[None, :]
         b_dA = _chunk_matrix(dA_mem, t0, o_t, m_t, i_h, H, C, False)
         b_dAt = _chunk_matrix(dA_mem, t0, o_t, m_t, i_h, H, C, True)
     else:
