@@ -19,11 +19,13 @@ strong the gate. The passes:
 
 Per-key gates (GATE 2) first form the intra-chunk matrix A_ij = sum_k q_ik k_jk exp2(G_ik - G_jk)
 once per chunk and head (`_gla_intra_kernel`, fp32 in memory; the backward also stores dA = do v^T
-and G there), so the passes above are plain matrix products with it. Inside a chunk, blocks of
-BC = 16 tokens: pairs in different blocks go through tensor-core products with the later block's
-first row as the reference point (both factors <= 1); pairs inside a block are formed element by
-element. No tl.trans anywhere: transposed operands are loaded transposed (Triton 3.4-3.7.0 on
-Hopper miscompiles tl.trans of matrix-product results).
+and G there, and takes A from the forward through call.memo when it can), so the passes above are
+plain matrix products with it. Inside a chunk, blocks of BC = 16 tokens: pairs in different blocks
+go through tensor-core products, the decay split at block ends into factors that are all <= 1
+(one exp2 per element on each side); pairs inside a block are formed element by element, a 16-step
+loop over the rows of every block at once ([4, 16, BK] tensors). No tl.trans anywhere: transposed
+operands are loaded transposed (Triton 3.4-3.7.0 on Hopper miscompiles tl.trans of matrix-product
+results).
 
 dg uses the chunk-local identity dG_i = q_i*dq_i - k_i*dk_i (plus the state term at the chunk end)
 and dg = reverse cumsum of dG within the chunk, so nothing long-range cancels.
