@@ -13,7 +13,9 @@ Per variant x method x layout this counts, for one forward+backward on every ran
   * triton: Triton kernel launches (each costs the host a launch through Triton's Python launcher);
   * comm: collectives and point-to-point messages (seqpar.comm counters);
 and times the host's wall time per call (median over repeats, slowest rank), against the plain
-single-device kernel on the same local tensors. The Triton kernels are launched through their real
+single-device kernel on the same local tensors; `-waits` is that time less what the host spent
+blocked in collectives (gloo blocks the host until the other ranks arrive; NCCL leaves the waiting
+to the GPU), the nearer estimate of the GPU host's issue time. The Triton kernels are launched through their real
 launchers but their bodies are skipped (on the CPU they run only in Triton's interpreter, which
 would dominate the time; the outputs of a skipped launch are left unwritten, which changes no op
 count: the host path does not read them). `--run-kernels` executes them in the interpreter for the
@@ -96,6 +98,37 @@ def triton_launches(run: bool = True, counter: OpCounter | None = None):
         KernelInterface.__getitem__ = original
 
 
+@contextlib.contextmanager
+def comm_waits():
+    """Seconds the host spends blocked in collectives inside the block (a list, one entry per
+    block): gloo blocks the host until the other ranks arrive, NCCL does not (the GPU waits), so
+    the host's issue time on a GPU is nearer the wall time less these waits."""
+    from seqpar.comm import collectives as C
+
+    Work = torch._C._distributed_c10d.Work
+    blocked, depth = [0.0], [0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):  # the outermost call counts (a blocking collective waits inside)
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    blocked[0] += time.perf_counter() - t0
+        return wrapper
+
+    # gloo's isend / irecv also block for a while; what collectives.py calls is looked up at call time
+    saved = C._all_gather_flat, dist.all_reduce, dist.isend, dist.irecv, Work.wait
+    C._all_gather_flat, dist.all_reduce, dist.isend, dist.irecv, Work.wait = (timed(f) for f in saved)
+    try:
+        yield blocked
+    finally:
+        C._all_gather_flat, dist.all_reduce, dist.isend, dist.irecv, Work.wait = saved
+
+
 def configure(parser) -> None:
     parser.add_argument("--variants", nargs="+", default=list(sk.VARIANTS), choices=list(sk.VARIANTS))
     parser.add_argument("--methods", nargs="+", default=list(sp.METHODS), choices=list(sp.METHODS))
@@ -158,20 +191,24 @@ def count(run, backend: str, run_kernels: bool = False) -> dict:
             "top_ops": dict(ops.ops.most_common(12)), "launches": dict(tl)}
 
 
-def host_ms(run, backend: str, warmup: int, repeat: int) -> float:
-    """Median wall milliseconds of run() on this rank, every run started together; slowest rank."""
+def host_ms(run, backend: str, warmup: int, repeat: int) -> tuple[float, float]:
+    """Median wall milliseconds of run() on this rank, every run started together, and the median
+    of the same less the time blocked in collectives (comm_waits); the slowest rank's."""
     with triton_launches(run=False) if backend == "triton" else contextlib.nullcontext():
         for _ in range(warmup):
             run()
-        times = []
+        wall, issue = [], []
         for _ in range(repeat):
             dist.barrier()
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-    med = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            with comm_waits() as blocked:
+                t0 = time.perf_counter()
+                run()
+                t = time.perf_counter() - t0
+            wall.append(t * 1e3)
+            issue.append((t - blocked[0]) * 1e3)
+    med = torch.tensor([statistics.median(wall), statistics.median(issue)], dtype=torch.float64)
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
-    return med.item()
+    return tuple(med.tolist())
 
 
 def _max_over_ranks(c: dict) -> dict:
@@ -189,14 +226,14 @@ def measure(rank, P, opts: dict) -> list[dict]:
         x, do = local_inputs(variant, P, opts["t_local"], opts["heads"], opts["head_dim"], "contiguous")
         plain = fwd_bwd_plain(variant, x, do, opts["backend"])
         c_plain = _max_over_ranks(count(plain, opts["backend"], opts["run_kernels"]))
-        t_plain = host_ms(plain, opts["backend"], opts["warmup"], opts["repeat"])
+        t_plain = host_ms(plain, opts["backend"], opts["warmup"], opts["repeat"])[0]  # no collectives
         for layout in opts["layouts"]:
             for method in opts["methods"]:
                 run = fwd_bwd_sp(variant, x, do, method, layout, opts["backend"], opts["validate"])
                 c = _max_over_ranks(count(run, opts["backend"], opts["run_kernels"]))
+                wall, issue = host_ms(run, opts["backend"], opts["warmup"], opts["repeat"])
                 rows.append({"variant": variant, "method": method, "layout": layout, "sp": c, "plain": c_plain,
-                             "sp_host_ms": host_ms(run, opts["backend"], opts["warmup"], opts["repeat"]),
-                             "plain_host_ms": t_plain})
+                             "sp_host_ms": wall, "sp_host_ms_less_comm_waits": issue, "plain_host_ms": t_plain})
     return rows
 
 
@@ -211,11 +248,12 @@ def main(args) -> int:
     print(f"P={args.world_size} gloo, T_local={args.t_local}, H={args.heads}, K=V={args.head_dim}, fp32, "
           f"backend {args.backend}; counts: the largest over the ranks for one forward+backward")
     print(f"{'variant':17s} {'method':6s} {'layout':10s} {'ops':>5s} {'launch':>6s} {'triton':>6s} {'comm':>4s} "
-          f"{'host ms':>8s} | plain: {'ops':>4s} {'launch':>6s} {'triton':>6s} {'host ms':>8s}")
+          f"{'host ms':>8s} {'-waits':>7s} | plain: {'ops':>4s} {'launch':>6s} {'triton':>6s} {'host ms':>8s}")
     for r in rows:
         s, p = r["sp"], r["plain"]
         print(f"{r['variant']:17s} {r['method']:6s} {r['layout']:10s} {s['ops']:5d} {s['launching']:6d} "
-              f"{s['triton']:6d} {sum(s['comm'].values()):4d} {r['sp_host_ms']:8.3f} | "
+              f"{s['triton']:6d} {sum(s['comm'].values()):4d} {r['sp_host_ms']:8.3f} "
+              f"{r['sp_host_ms_less_comm_waits']:7.3f} | "
               f"{p['ops']:11d} {p['launching']:6d} {p['triton']:6d} {r['plain_host_ms']:8.3f}")
     meta = {"world_size": args.world_size, "t_local": args.t_local, "heads": args.heads, "head_dim": args.head_dim,
             "backend": args.backend, "validate": args.validate, "repeat": args.repeat, "torch": torch.__version__,
