@@ -250,3 +250,39 @@ def test_errors_on_every_rank():
         for name, fragment in expect.items():
             assert msgs[name] is not None, f"rank {rank}: {name} raised nothing"
             assert fragment in msgs[name], f"rank {rank}: {name}: {msgs[name]}"
+
+
+# ---- what the host issues per call -------------------------------------------------------------
+# At short lengths the SP call is launch-bound on a GPU (docs/performance.md): its cost is then the
+# ops the host issues. Counted on the CPU with the Triton kernels run in the interpreter (launches
+# counted, ops inside them not): the SP forward+backward may add to the plain kernel's at most two
+# Triton launches (the summary scans), no host sync, and these device ops (zero fills, folds, copies).
+EXTRA_DEVICE_OPS = {("contiguous", "lasp2"): 2, ("contiguous", "zeco"): 2, ("contiguous", "ring"): 2,
+                    ("zigzag", "lasp2"): 11, ("zigzag", "ring"): 13, ("zigzag", "zeco"): 45}
+
+
+def host_counts(rank, P):
+    from seqpar.bench.sp_host import count, fwd_bwd_plain, fwd_bwd_sp, local_inputs
+
+    out = {}
+    for variant, layout in itertools.product(["linear_attn", "simple_gla"], sp.LAYOUTS):
+        x, do = local_inputs(variant, P, 128, 1, 16, layout)
+        plain = count(fwd_bwd_plain(variant, x, do, "triton"), "triton", run_kernels=True)
+        for method in sp.METHODS:
+            run = fwd_bwd_sp(variant, x, do, method, layout, "triton")
+            out[(variant, layout, method)] = (plain, count(run, "triton", run_kernels=True))
+    return out
+
+
+def test_host_ops_per_sp_call():
+    results = run_ranks(host_counts, 2, timeout=600)
+    for rank, res in enumerate(results):
+        for (variant, layout, method), (plain, got) in res.items():
+            what = (rank, variant, layout, method, got)
+            assert got["triton"] == plain["triton"] + 2, what
+            assert got["syncs"] == plain["syncs"], what
+            assert got["launching"] <= plain["launching"] + EXTRA_DEVICE_OPS[(layout, method)], what
+            if method == "lasp2":
+                assert got["comm"] == {"all_gather": 2}, what
+            elif layout == "contiguous":  # one hop: ZeCO sends its state in one piece, as ring does
+                assert got["comm"] == ({"send": 1, "recv": 1}), what
