@@ -30,24 +30,14 @@ class Family:
     """How a transition acts on a state S [..., K, V]."""
     name: str
 
-    def _expand(self, T: torch.Tensor) -> torch.Tensor:
-        return T[..., None, None] if self.name == "scalar" else T[..., None]
-
-    def apply(self, T: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-        if self.name == "dense":
-            return T @ S  # T [..., K, K]
-        return self._expand(T) * S  # scalar T [...], diagonal T [..., K]
-
-    def apply_t(self, T: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-        return T.transpose(-1, -2) @ S if self.name == "dense" else self.apply(T, S)
-
     def fold(self, T, S, dS, transpose: bool = False, out=None) -> torch.Tensor:
-        """T S + dS (T^T S + dS with transpose) in one op where the family allows; S None is zero."""
+        """T S + dS (T^T S + dS with transpose), one op where the family allows; S None is zero.
+        T is [...] (scalar), [..., K] (diagonal) or [..., K, K] (dense)."""
         if S is None:
             return dS if out is None else out.copy_(dS)
         if self.name == "dense":
             return torch.add(dS, T.transpose(-1, -2) @ S if transpose else T @ S, out=out)
-        return torch.addcmul(dS, self._expand(T), S, out=out)
+        return torch.addcmul(dS, T[..., None, None] if self.name == "scalar" else T[..., None], S, out=out)
 
 
 @dataclass(frozen=True)
@@ -204,14 +194,14 @@ class StateScan:
                         works[j].wait()
                     if use is not None:
                         self.family.fold(T[i], use[j], Xs[j], transpose=transpose, out=out[j])
-                    if remote:
-                        sends.append(C.isend(out[j], owners[q_next], self.group))
+                    if remote:  # the buffer is kept until its send completes
+                        sends.append((C.isend(out[j], owners[q_next], self.group), out[j]))
                 carry = out
             else:
                 for work in works:
                     work.wait()
             results[i] = self._state(use) if use is not None else None
-        for work in sends:
+        for work, _ in sends:
             work.wait()
         return self._stacked(results, X[0])
 

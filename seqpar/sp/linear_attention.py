@@ -123,7 +123,6 @@ class _Indices:
     host list to the GPU (each such copy would stall the host until the stream drains)."""
     first: torch.Tensor      # [n_local, rows]: each shard's first kernel sequence
     last: torch.Tensor       # [n_local, rows]
-    continues: torch.Tensor  # [n_local] bool
     whole: torch.Tensor      # [n_local] bool
     starts: torch.Tensor     # kernel sequences that start a document ...
     start_docs: torch.Tensor  # ... and which document
@@ -139,7 +138,7 @@ def _indices(plan: Plan, device: torch.device) -> _Indices:
 
     starts = [(n, s.start_doc) for n, s in enumerate(plan.seqs) if s.start_doc is not None]
     ends = [(n, s.end_doc) for n, s in enumerate(plan.seqs) if s.end_doc is not None]
-    return _Indices(t(plan.first), t(plan.last), t(plan.continues, torch.bool), t(plan.whole, torch.bool),
+    return _Indices(t(plan.first), t(plan.last), t(plan.whole, torch.bool),
                     t([n for n, _ in starts]), t([d for _, d in starts]), t([n for n, _ in ends]),
                     t([d for _, d in ends]), t(plan.local_cu) if plan.local_cu is not None else None)
 
@@ -230,9 +229,11 @@ class _Spec:
     def known_final_grad(self, call, dfinal, dtype):
         """Gradient reaching each kernel sequence's final state from the returned final_state (None:
         none does)."""
-        if not (self.output_final_state and dfinal is not None):
+        if not self.output_final_state:
             return None
         H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[3]
+        if dfinal is None:  # this rank's loss ignores final_state; another rank's may not: all-reduce
+            dfinal = torch.zeros(self.plan.n_docs, H, K, V, dtype=dtype, device=call.q.device)
         dht = torch.zeros(len(self.plan.seqs), H, K, V, dtype=dtype, device=call.q.device)
         total = C.all_reduce_sum(dfinal.to(dtype), self.group)
         ix = self.indices(dht.device)
