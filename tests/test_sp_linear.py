@@ -51,10 +51,12 @@ def reference(variant, x, cu, do, dht_total):
 
 
 def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0, backend="torch",
-               dtype=torch.float64, tol=TOL):
+               dtype=torch.float64, tol=TOL, ht_ranks=None):
+    """ht_ranks: the ranks whose loss uses the final state (default: all)."""
     group = dist.group.WORLD
     x, cu, do, dht = full_problem(variant, P, packed, with_h0, seed, L)
-    o_ref, ht_ref, g_ref = reference(variant, x, cu, do, sum(dht))
+    ht_ranks = range(P) if ht_ranks is None else ht_ranks
+    o_ref, ht_ref, g_ref = reference(variant, x, cu, do, sum(dht[r] for r in ht_ranks))
 
     def local(t):
         return sp.shard(t, group, layout)
@@ -67,7 +69,10 @@ def check_case(rank, P, variant, method, layout, packed, with_h0, L=5, seed=0, b
                                 beta=leaves.get("beta"), initial_state=leaves.get("initial_state"),
                                 output_final_state=True, cu_seqlens=cu, group=group, method=method,
                                 layout=layout, backend=backend, zeco_slices=3)
-    torch.autograd.backward([o, ht], [local(do).to(dtype), dht[rank].to(ht.dtype)])
+    if rank in ht_ranks:
+        torch.autograd.backward([o, ht], [local(do).to(dtype), dht[rank].to(ht.dtype)])
+    else:  # this rank's loss ignores the final state: no gradient arrives for it here
+        o.backward(local(do).to(dtype))
     what = f"{variant}/{method}/{layout}/P={P}/{'packed' if packed else 'B=2'}/h0={with_h0}"
     errs = {"o": rel_err(o, local(o_ref)), "ht": rel_err(ht, ht_ref)}
     for n, leaf in leaves.items():
@@ -117,6 +122,21 @@ def longer_cases(rank, P):
 
 def test_sp_multi_chunk_shards():
     assert not any(run_ranks(longer_cases, 2))
+
+
+def final_state_on_some_ranks(rank, P):
+    fails = []
+    for variant, method in [("simple_gla", "lasp2"), ("gated_delta_rule", "zeco")]:
+        what, bad = check_case(rank, P, variant, method, "zigzag", True, True, ht_ranks=[1])
+        if bad:
+            fails.append(f"{what}: {bad}")
+    return fails
+
+
+def test_final_state_used_by_some_ranks_only():
+    """A rank whose loss ignores final_state gets no gradient for it but still joins the all-reduce
+    that sums the others' (no hang, exact gradients)."""
+    assert not any(run_ranks(final_state_on_some_ranks, 3, timeout=120))
 
 
 def triton_cases(rank, P):
