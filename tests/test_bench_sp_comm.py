@@ -23,6 +23,20 @@ def test_bench_sp_smoke(tmp_path):
         assert r["local_kernel_ms"] > 0 and r["scan_ms"] > 0
 
 
+def test_bench_sp_host_smoke(tmp_path):
+    from seqpar.cli import build_parser
+
+    out = str(tmp_path / "sp_host.json")
+    args = build_parser().parse_args(["bench", "sp-host", "--variants", "simple_gla", "--methods", "lasp2", "zeco",
+                                      "--repeat", "2", "--warmup", "1", "--out", out])
+    assert args.func(args) == 0  # spawns its own two gloo ranks
+    rows = json.loads(open(out).read())["results"]
+    assert len(rows) == 2 * 2
+    for r in rows:
+        assert r["sp"]["triton"] == r["plain"]["triton"] + 2 and r["sp"]["ops"] > r["plain"]["ops"] > 0
+        assert r["sp_host_ms"] >= r["sp_host_ms_less_comm_waits"] > 0 and r["plain_host_ms"] > 0
+
+
 def test_bench_comm_smoke(tmp_path):
     out = str(tmp_path / "comm.json")
     assert run_cli(["bench", "comm", "--sizes-kb", "4", "64", "512", "--repeat", "2", "--out", out], 2) == [0, 0]

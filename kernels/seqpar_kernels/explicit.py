@@ -105,10 +105,10 @@ class ExplicitKernel(ABC):
 
 
 def plus_late(x, late):
-    """x + late() where either may be missing."""
-    if late is None:
+    """x + late() where either may be missing (None, or late() returning None)."""
+    extra = late() if late is not None else None
+    if extra is None:
         return x
-    extra = late()
     return extra if x is None else x + extra
 
 

@@ -28,7 +28,7 @@ from seqpar.comm import METHODS, Family, StateScan
 from seqpar.comm import collectives as C
 from seqpar_kernels import InputError, get_variant
 from seqpar_kernels.backends import resolve
-from seqpar_kernels.explicit import Call, ExplicitKernel, explicit_kernel
+from seqpar_kernels.explicit import Call, ExplicitKernel, explicit_kernel, plus_late
 from seqpar_kernels.variants import check_cu_seqlens, normalize_inputs
 
 from .layout import LAYOUTS, split_error
@@ -72,13 +72,8 @@ def linear_attention(q, k, v, *, variant: str, g=None, beta=None, scale=None, gr
         return seqpar_kernels.chunk(variant, q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_t, backend=backend)
     g, scale, backend_name = normalized
-    spec = _Spec(
-        plan=_plan(layout, C.rank(group), P, q.shape[0], q.shape[1], tuple(cu) if cu else None),
-        kernel=explicit_kernel(backend_name),
-        family=Family(get_variant(variant).transition),
-        method=method, group=group, scale=scale, zeco_slices=zeco_slices,
-        output_final_state=output_final_state,
-    )
+    spec = _spec(layout, C.rank(group), P, q.shape[0], q.shape[1], tuple(cu) if cu else None, backend_name,
+                 get_variant(variant).transition, method, group, scale, zeco_slices, output_final_state)
     o, final = _LinearAttentionSP.apply(q, k, v, g, beta, initial_state, spec)
     return o, (final if output_final_state else None)
 
@@ -99,7 +94,7 @@ def _check(variant, q, k, v, g, beta, scale, method, layout, cu, initial_state, 
         raise InputError(f"global {err} (local length {T_local} on each rank)")
     n_states = B
     if cu is not None:
-        check_cu_seqlens(torch.tensor(cu), T, B, where="cu_seqlens (global document boundaries)")
+        _check_cu(tuple(cu), T, B)
         n_states = len(cu) - 1
     if initial_state is not None and initial_state.shape != (n_states, H, K, v.shape[-1]):
         raise InputError(f"initial_state must be [{n_states}, {H}, {K}, {v.shape[-1]}] (one state per "
@@ -108,8 +103,18 @@ def _check(variant, q, k, v, g, beta, scale, method, layout, cu, initial_state, 
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(layout, rank, P, B, local_len, cu) -> Plan:
-    return make_plan(layout, rank, P, B, local_len, list(cu) if cu else None)
+def _spec(layout, rank, P, B, local_len, cu, backend_name, transition, method, group, scale, zeco_slices,
+          output_final_state) -> _Spec:
+    """What the arguments fix, made once per configuration: the host's work per call is then what
+    it issues to the device."""
+    return _Spec(plan=make_plan(layout, rank, P, B, local_len, list(cu) if cu else None),
+                 kernel=explicit_kernel(backend_name), family=Family(transition), method=method, group=group,
+                 scale=scale, zeco_slices=zeco_slices, output_final_state=output_final_state)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_cu(cu: tuple, T: int, B: int) -> None:
+    check_cu_seqlens(torch.tensor(cu), T, B, where="cu_seqlens (global document boundaries)")
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,6 @@ class _Indices:
     host list to the GPU (each such copy would stall the host until the stream drains)."""
     first: torch.Tensor      # [n_local, rows]: each shard's first kernel sequence
     last: torch.Tensor       # [n_local, rows]
-    continues: torch.Tensor  # [n_local] bool
     whole: torch.Tensor      # [n_local] bool
     starts: torch.Tensor     # kernel sequences that start a document ...
     start_docs: torch.Tensor  # ... and which document
@@ -134,13 +138,19 @@ def _indices(plan: Plan, device: torch.device) -> _Indices:
 
     starts = [(n, s.start_doc) for n, s in enumerate(plan.seqs) if s.start_doc is not None]
     ends = [(n, s.end_doc) for n, s in enumerate(plan.seqs) if s.end_doc is not None]
-    return _Indices(t(plan.first), t(plan.last), t(plan.continues, torch.bool), t(plan.whole, torch.bool),
+    return _Indices(t(plan.first), t(plan.last), t(plan.whole, torch.bool),
                     t([n for n, _ in starts]), t([d for _, d in starts]), t([n for n, _ in ends]),
                     t([d for _, d in ends]), t(plan.local_cu) if plan.local_cu is not None else None)
 
 
 def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, H: int, dtype, device) -> torch.Tensor:
+    """The transitions of ungated shards (never written: every use reads it)."""
+    return torch.ones(n, H, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -176,33 +186,38 @@ class _Spec:
 
     def call(self, q, k, v, g, beta) -> Call:
         # memo: the state pass and the kernel run on this one Call share their start-independent work
-        return Call(*(self.to_chain(x) for x in (q, k, v, g, beta)), self.scale, self.indices(q.device).local_cu,
-                    memo={}, cu_host=self.plan.local_cu)
+        # contiguous once here rather than in every entry point (lightning's g is an expanded [H])
+        x = (self.to_chain(t).contiguous() if t is not None else None for t in (q, k, v, g, beta))
+        return Call(*x, self.scale, self.indices(q.device).local_cu, memo={}, cu_host=self.plan.local_cu)
 
-    @staticmethod
-    def per_shard(per_seq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # Between kernel sequences [n_seqs, ...] and local shards [n_local, rows, ...]. Without packed
+    # documents, sequence b * n_local + i is row b of shard i: both directions are views.
+    def per_shard(self, per_seq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """[n_seqs, ...] -> [n_local, rows, ...]: each shard's first or last sequences (idx)."""
+        p = self.plan
+        if p.local_cu is None:
+            return per_seq.view(p.B, p.n_local, *per_seq.shape[1:]).transpose(0, 1)
         return per_seq[idx]
 
-    @staticmethod
-    def scatter(per_shard: torch.Tensor, idx: torch.Tensor, n_seqs: int, mask=None) -> torch.Tensor:
-        """Inverse of per_shard: [n_seqs, ...], zero except at the shards' sequences (where mask)."""
-        if mask is not None:
-            per_shard = torch.where(_rows_mask(mask, per_shard), per_shard, torch.zeros_like(per_shard))
-        out = per_shard.new_zeros((n_seqs,) + tuple(per_shard.shape[2:]))
-        return out.index_add_(0, idx.flatten(), per_shard.flatten(0, 1))
-
-    def state_zeros(self, call: Call, dtype):
-        H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[3]
-        return torch.zeros(len(self.plan.seqs), H, K, V, dtype=dtype, device=call.q.device)
+    def scatter(self, per_shard: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+        """Inverse of per_shard: [n_seqs, ...], zero except at the shards' sequences (idx)."""
+        p = self.plan
+        if per_shard is None:
+            return None
+        if p.local_cu is None:
+            return per_shard.transpose(0, 1).reshape(p.B * p.n_local, *per_shard.shape[2:])
+        out = per_shard.new_zeros((len(p.seqs),) + tuple(per_shard.shape[2:]))
+        return out.index_copy_(0, idx.flatten(), per_shard.flatten(0, 1))
 
     def known_initial(self, call: Call, initial_state, dtype):
-        """Initial state of every kernel sequence that starts a document (others zero)."""
-        h0 = self.state_zeros(call, dtype)
-        if initial_state is not None:
-            ix = self.indices(h0.device)
-            h0.index_copy_(0, ix.starts, initial_state[ix.start_docs].to(dtype))
-        return h0
+        """Initial state of every kernel sequence that starts a document (others zero); None if
+        there is no initial state."""
+        if initial_state is None:
+            return None
+        H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[3]
+        h0 = torch.zeros(len(self.plan.seqs), H, K, V, dtype=dtype, device=call.q.device)
+        ix = self.indices(h0.device)
+        return h0.index_copy_(0, ix.starts, initial_state[ix.start_docs].to(dtype))
 
     def docs_final(self, fin):
         """Final states of the documents that end on this rank, summed over ranks: [n_docs, H, K, V]."""
@@ -212,13 +227,17 @@ class _Spec:
         return C.all_reduce_sum(out, self.group)
 
     def known_final_grad(self, call, dfinal, dtype):
-        """Gradient reaching each kernel sequence's final state from the returned final_state."""
-        dht = self.state_zeros(call, dtype)
-        if self.output_final_state and dfinal is not None:
-            total = C.all_reduce_sum(dfinal.to(dtype), self.group)
-            ix = self.indices(dht.device)
-            dht.index_copy_(0, ix.ends, total[ix.end_docs])
-        return dht
+        """Gradient reaching each kernel sequence's final state from the returned final_state (None:
+        none does)."""
+        if not self.output_final_state:
+            return None
+        H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[3]
+        if dfinal is None:  # this rank's loss ignores final_state; another rank's may not: all-reduce
+            dfinal = torch.zeros(self.plan.n_docs, H, K, V, dtype=dtype, device=call.q.device)
+        dht = torch.zeros(len(self.plan.seqs), H, K, V, dtype=dtype, device=call.q.device)
+        total = C.all_reduce_sum(dfinal.to(dtype), self.group)
+        ix = self.indices(dht.device)
+        return dht.index_copy_(0, ix.ends, total[ix.end_docs])
 
     def initial_grad(self, dh0_seq, like):
         """This rank's share of d(initial_state): the gradients of the sequences that start a document."""
@@ -229,22 +248,23 @@ class _Spec:
 
     def transitions(self, call: Call, dense_per_seq, dtype):
         """T of every local shard: [n_local, rows, H] (scalar), [.., H, K] (diagonal), [.., H, K, K]
-        (dense, from the state pass; zeros when no local shard needs one, Plan.needs_transitions);
-        zero for shards cut by a document boundary (their outgoing state ignores the incoming one)."""
-        if self.family.name == "dense" and dense_per_seq is None:
-            H, K = call.q.shape[2], call.q.shape[3]
-            per_seq = torch.zeros(len(self.plan.seqs), H, K, K, dtype=dtype, device=call.q.device)
-        elif self.family.name == "dense":
+        (dense, from the state pass); zero for shards cut by a document boundary (their outgoing
+        state ignores the incoming one). None where no local shard's T is read (ShardChain.inner)."""
+        if not self.plan.needs_transitions:
+            return None
+        if self.family.name == "dense":
             per_seq = dense_per_seq.to(dtype)
         elif call.g is None:
-            per_seq = torch.ones(len(self.plan.seqs), call.q.shape[2], dtype=dtype, device=call.q.device)
+            per_seq = _ones(len(self.plan.seqs), call.q.shape[2], dtype, call.q.device)
         elif self.plan.local_cu is None:  # one kernel sequence per row: the decay of the whole row
-            per_seq = call.g.to(torch.float64).sum(1).exp().to(dtype)
+            per_seq = call.g.sum(1, dtype=torch.float64).exp_().to(dtype)
         else:
             per_seq = torch.stack([call.g[s.row, s.start:s.end].to(torch.float64).sum(0).exp().to(dtype)
                                    for s in self.plan.seqs])
         ix = self.indices(per_seq.device)
         T = self.per_shard(per_seq, ix.first)
+        if all(self.plan.whole):
+            return T
         return torch.where(_rows_mask(ix.whole, T), T, torch.zeros_like(T))
 
 
@@ -260,9 +280,9 @@ def _on_side_stream(fn, device):
         result = fn()
 
     def wait():
-        main.wait_stream(side)
-        for t in result if isinstance(result, tuple) else (result,):
-            t.record_stream(main)
+        main.wait_stream(side)  # also orders the main stream's reuse of what the side stream read
+        if result is not None:  # None: a zero state, nothing to hand over
+            result.record_stream(main)
         return result
 
     return wait
@@ -278,13 +298,14 @@ def _side_stream(device):
 
 
 class _LinearAttentionSP(torch.autograd.Function):
+    # The scan applies c_p (a document starting at a shard edge cuts the chain) to what it returns,
+    # so S_in and Y need no masking here; None from the scan or a spec method is a zero state.
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, spec: _Spec):
-        plan, kernel = spec.plan, spec.kernel
+        kernel = spec.kernel
         call = spec.call(q, k, v, g, beta)
         ix = spec.indices(q.device)
         sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        n_seqs = len(plan.seqs)
         h0_known = spec.known_initial(call, initial_state, sdt)
         # a rank holding no shard inside the chain skips the delta rules' K x K transition pass (on
         # two ranks with the contiguous layout, every rank)
@@ -299,28 +320,28 @@ class _LinearAttentionSP(torch.autograd.Function):
         incoming = {}
 
         def h0_late():
-            incoming["h0"] = spec.scatter(S_in(), ix.first, n_seqs, ix.continues)
+            incoming["h0"] = spec.scatter(S_in(), ix.first)
             return incoming["h0"]
 
         o, fin = kernel.forward(call, h0_known, h0_late)
-        final = spec.docs_final(fin.to(sdt)) if spec.output_final_state else o.new_zeros(0)
+        final = spec.docs_final(fin.to(sdt)) if spec.output_final_state else o.new_empty(0)
+        ctx.set_materialize_grads(False)  # no zero fills for gradients that do not arrive
         ctx.spec, ctx.scan = spec, scan
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, h0_known + incoming["h0"], T)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, plus_late(h0_known, lambda: incoming["h0"]), T)
         return spec.from_chain(o), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, g, beta, initial_state, h0, T = ctx.saved_tensors
-        spec, scan, plan, kernel = ctx.spec, ctx.scan, ctx.spec.plan, ctx.spec.kernel
+        spec, scan, kernel = ctx.spec, ctx.scan, ctx.spec.kernel
         call = spec.call(q, k, v, g, beta)
         ix = spec.indices(q.device)
-        do = spec.to_chain(do.contiguous())
-        sdt = h0.dtype
+        do = spec.to_chain(do.contiguous() if do is not None else torch.zeros_like(v))
+        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         dht = spec.known_final_grad(call, dfinal, sdt)
         D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), ix.first)
-        D = torch.where(_rows_mask(ix.continues, D), D, torch.zeros_like(D))
         Y = _on_side_stream(lambda: scan.backward(D, T), q.device)
-        gr = kernel.backward(call, h0, do, dht, lambda: spec.scatter(Y(), ix.last, len(plan.seqs)))
+        gr = kernel.backward(call, h0, do, dht, lambda: spec.scatter(Y(), ix.last))
         d_init = spec.initial_grad(gr.dh0, initial_state)
         return (spec.from_chain(gr.dq), spec.from_chain(gr.dk), spec.from_chain(gr.dv), spec.from_chain(gr.dg),
                 spec.from_chain(gr.dbeta), d_init, None)

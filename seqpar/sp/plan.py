@@ -35,7 +35,6 @@ class Plan:
     seqs: tuple[Seq, ...]
     first: tuple[tuple[int, ...], ...]  # per local shard: its first kernel sequence, per chain row
     last: tuple[tuple[int, ...], ...]
-    continues: tuple[bool, ...]      # per local shard: its first sequence takes the incoming state
     whole: tuple[bool, ...]          # per local shard: one sequence spans it (so T_p is its transition)
     n_docs: int                      # number of initial / final states
     local_cu: tuple[int, ...] | None  # boundaries of the kernel sequences (varlen), else None
@@ -46,10 +45,8 @@ class Plan:
 
     @property
     def needs_transitions(self) -> bool:
-        """Whether any local shard's transition enters the scan: the chain's first shard's multiplies
-        a zero incoming state (an initial state is part of its own summary) and its last shard's
-        outgoing state goes nowhere, so only shards strictly inside the chain need theirs."""
-        return any(0 < p < self.chain.n - 1 for p in self.positions)
+        """Whether any local shard's transition enters the scan (ShardChain.inner)."""
+        return any(self.chain.inner(p) for p in self.positions)
 
 
 def make_plan(layout: str, rank: int, P: int, B: int, local_len: int, cu: list[int] | None) -> Plan:
@@ -63,8 +60,7 @@ def make_plan(layout: str, rank: int, P: int, B: int, local_len: int, cu: list[i
                      for b in range(B) for i, p in enumerate(positions))
         idx = tuple(tuple(b * n_local + i for b in range(B)) for i in range(n_local))
         chain = ShardChain(owners, slots, continues=(False,) + (True,) * (n - 1))
-        return Plan(chain, positions, n_local, B, L, seqs, idx, idx, tuple(p != 0 for p in positions),
-                    (True,) * n_local, n_docs=B, local_cu=None)
+        return Plan(chain, positions, n_local, B, L, seqs, idx, idx, (True,) * n_local, n_docs=B, local_cu=None)
 
     starts = set(cu[:-1])
     doc_of_start = {s: d for d, s in enumerate(cu[:-1])}
@@ -81,7 +77,6 @@ def make_plan(layout: str, rank: int, P: int, B: int, local_len: int, cu: list[i
         last.append((len(seqs) - 1,))
         whole.append(len(cuts) == 2)
     local_cu = tuple([0] + [q.end for q in seqs])
-    continues = tuple(continues_global[p] for p in positions)
     chain = ShardChain(owners, slots, continues_global)
-    return Plan(chain, positions, n_local, B, L, tuple(seqs), tuple(first), tuple(last), continues,
-                tuple(whole), n_docs=len(cu) - 1, local_cu=local_cu)
+    return Plan(chain, positions, n_local, B, L, tuple(seqs), tuple(first), tuple(last), tuple(whole),
+                n_docs=len(cu) - 1, local_cu=local_cu)

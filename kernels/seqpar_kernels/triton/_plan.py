@@ -39,6 +39,16 @@ class Plan:
         return self.seq_first.numel()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceiling division (triton.cdiv is a constexpr function: ~10 us a host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side triton.next_power_of_2, without its per-call cost."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision of every tl.dot: full fp32 for fp32 inputs (Triton's default, TF32, errs
     ~1e-3; the compile option default_dot_input_precision does not reach the kernels), else tf32

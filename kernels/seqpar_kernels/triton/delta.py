@@ -23,12 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from ..explicit import Call, Grads, plus_late, reuse
 from ..variants import InputError
 from . import delta_kernels as kern
-from ._plan import dot_precision
+from ._plan import cdiv, dot_precision, next_power_of_2
 
 CHUNK = 64
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,7 +74,7 @@ CONFIG = {
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_power_of_2(n))
 
 
 @dataclass
@@ -237,8 +236,8 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
           bv=32, stages=2):
     """One launch of state_pass over the segments in `seg`; r receives the per-chunk tensors (STORE)."""
     bv = min(_pow2(L.V), bv)
-    nvb = triton.cdiv(L.V, bv)
-    cols = max(nvb * int(forward and fwd_v) + triton.cdiv(L.K, bv) * int(forward and with_m), nvb * int(reverse))
+    nvb = cdiv(L.V, bv)
+    cols = max(nvb * int(forward and fwd_v) + cdiv(L.K, bv) * int(forward and with_m), nvb * int(reverse))
     any_ = wy.w
     pick = lambda x: x if x is not None else any_  # noqa: E731
     store = r is not None
@@ -306,7 +305,7 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
     bv = min(_pow2(L.V), CONFIG["scan_bv"])
     any_ = m
     pick = lambda x: x if x is not None else any_  # noqa: E731
-    kern.segment_scan[(triton.cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
+    kern.segment_scan[(cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
         m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
         segoff, L.H, L.K, L.V, BK=L.BK, BV=bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
         USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
@@ -327,7 +326,7 @@ def forward(call: Call, h0, h0_late=None):
     st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])
-    kern.output[(L.n_chunks, L.H, triton.cdiv(L.V, bv))](
+    kern.output[(L.n_chunks, L.H, cdiv(L.V, bv))](
         L.q, L.k, wy.gc if wy.gc is not None else wy.w, st.h, st.vn, o, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, **_launch(L, CONFIG["out_warps"]))
@@ -395,7 +394,7 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     gc = wy.gc if use_g else wy.w
     f32 = torch.float32
     bk = min(L.BK, CONFIG["dqk_bk"])
-    nk = triton.cdiv(L.K, bk)
+    nk = cdiv(L.K, bk)
     dq = L.new(L.rows, L.H, L.K)
     dk_part = L.new(L.rows, L.H, L.K, dtype=f32)
     dw = L.new(L.rows, L.H, L.K)

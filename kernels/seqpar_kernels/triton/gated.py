@@ -32,6 +32,8 @@ and dg = reverse cumsum of dG within the chunk, so nothing long-range cancels.
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 
@@ -42,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ..explicit import Call, Grads, plus_late, reuse
-from ._plan import Plan, default_segment_chunks, dot_precision, make_plan
+from ._plan import Plan, cdiv, default_segment_chunks, dot_precision, make_plan, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
 CHUNK = 64
@@ -625,19 +627,12 @@ class _Setup:
         # bf16 states hold what the bf16 matrix products use anyway; fp16 would overflow
         self.state_dtype = torch.bfloat16 if self.q.dtype == torch.bfloat16 else torch.float32
         self.bk, self.bv, self.launch = self.tiles("state")
-        n_tiles = self.H * triton.cdiv(self.K, self.bk) * triton.cdiv(self.V, self.bv)
-        c = call.boundaries()
-        bounds = list(zip(c, c[1:]))
-        if segment_chunks is None:
-            total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
-            segment_chunks = default_segment_chunks(total, n_tiles, self.dev)
-        self.segment_chunks = segment_chunks
-        self.plan: Plan = make_plan(bounds, self.dev, CHUNK, segment_chunks)
+        self.segment_chunks, self.plan = _chunking(call.boundaries(), self.H, self.K, self.V, self.gate, self.dev,
+                                                   segment_chunks)
 
     def tiles(self, kernel: str) -> tuple[int, int, dict]:
         """(BK, BV, launch options) of a kernel for this call."""
-        bk, bv, warps, stages = TILES[kernel][self.gate]
-        return tile(self.K, bk), tile(self.V, bv), {"num_warps": warps, "num_stages": stages}
+        return _tiles(kernel, self.gate, self.K, self.V)
 
     def empty(self, *shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device=self.dev)
@@ -653,7 +648,7 @@ class _Setup:
         cdec = self.empty(*self.decay_shape(p.n_chunks)) if store and self.gate else self.empty(1)
         seg_state = self.empty(p.n_segs, H, K, V)
         seg_dec = self.empty(*self.decay_shape(p.n_segs)) if self.gate else self.empty(1)
-        grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_segs, H)
+        grid = (cdiv(K, self.bk) * cdiv(V, self.bv), p.n_segs, H)
         _state_pass_kernel[grid](
             x, y, self.g if self.g is not None else x, states, seg_state, seg_dec, cdec,
             p.chunk_start, p.chunk_end, p.seg_first, p.seg_count, self.scale if reverse else 1.0, H,
@@ -668,7 +663,7 @@ class _Setup:
         seg_in = self.empty(p.n_segs, H, K, V, dtype=self.state_dtype) if store_in else self.empty(1)
         out = self.empty(p.n_seqs, H, K, V)
         start = start.to(torch.float32).contiguous() if start is not None else None
-        grid = (triton.cdiv(K, self.bk) * triton.cdiv(V, self.bv), p.n_seqs, H)
+        grid = (cdiv(K, self.bk) * cdiv(V, self.bv), p.n_seqs, H)
         _scan_kernel[grid](
             seg_state, seg_dec, start if start is not None else out, seg_in, out, p.seq_first, p.seq_count, H,
             K=K, V=V, BK=self.bk, BV=self.bv, GATE=self.gate, REVERSE=reverse, HAS_H0=start is not None,
@@ -689,7 +684,7 @@ class _Setup:
         take the intra-chunk matrix A from `intra`."""
         out = torch.empty_like(z)
         bk, bv, launch = self.tiles("dv" if reverse else "out")
-        _apply_kernel[(self.plan.n_chunks, triton.cdiv(self.V, bv), self.H)](
+        _apply_kernel[(self.plan.n_chunks, cdiv(self.V, bv), self.H)](
             x, y, z, self.g if self.g is not None else x, A if A is not None else x, states, cdec, seg_in, out,
             *self.chunk_args(), self.scale, self.H, K=self.K, V=self.V, BK=bk, BV=bv, C=CHUNK, GATE=self.gate,
             REVERSE=reverse, DOT=self.dot, **launch)
@@ -717,9 +712,29 @@ class _Setup:
         return p.chunk_start, p.chunk_end, p.chunk_seg
 
 
+# what a call's shapes fix, cached: working it out again costs the host more than a launch
+
+@functools.lru_cache(maxsize=256)
+def _tiles(kernel: str, gate: int, K: int, V: int) -> tuple[int, int, dict]:
+    bk, bv, warps, stages = TILES[kernel][gate]
+    return tile(K, bk), tile(V, bv), {"num_warps": warps, "num_stages": stages}
+
+
+@functools.lru_cache(maxsize=256)
+def _chunking(boundaries: tuple, H: int, K: int, V: int, gate: int, device, segment_chunks: int | None
+              ) -> tuple[int, Plan]:
+    """(chunks per segment, the chunk/segment plan) of sequences with these token boundaries."""
+    bounds = list(zip(boundaries, boundaries[1:]))
+    if segment_chunks is None:
+        bk, bv, _ = _tiles("state", gate, K, V)
+        total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
+        segment_chunks = default_segment_chunks(total, H * cdiv(K, bk) * cdiv(V, bv), device)
+    return segment_chunks, make_plan(bounds, device, CHUNK, segment_chunks)
+
+
 def tile(d: int, cap: int) -> int:
     """Tile width for a head dimension d: a power of two, at least 16 (the matrix-unit minimum)."""
-    return min(max(16, triton.next_power_of_2(d)), cap)
+    return min(max(16, next_power_of_2(d)), cap)
 
 
 def check_supported(call: Call) -> None:
@@ -798,7 +813,7 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
     H, K, V = st.H, st.K, st.V
     gate_arg = st.g if st.g is not None else st.q
     bk, bv, launch = st.tiles("dqk")
-    nk = triton.cdiv(K, bk)
+    nk = cdiv(K, bk)
     dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
     if st.gate == 2:
         A, dA, G = st.intra(do, reuse(call.memo, INTRA, None, False, lambda: None))
