@@ -156,6 +156,29 @@ def test_sp_with_triton_kernels():
     assert not any(run_ranks(triton_cases, 2, timeout=600))
 
 
+def memo_handover(rank, P):
+    """What the SP forward's Call kept for the backward, before and after the backward."""
+    kept = {}
+    for variant in ["gla", "gated_delta_rule"]:
+        x = random_inputs(variant, B=1, T=64 * P, H=1, K=16, V=16, dtype=torch.float32, initial_state=False, seed=3)
+        leaves = {n: sp.shard(t, None, "zigzag").requires_grad_() for n, t in x.tensors().items()}
+        o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
+                                   beta=leaves.get("beta"), layout="zigzag", backend="triton")
+        before = sorted(o.grad_fn.memo)
+        o.sum().backward()
+        kept[variant] = (before, sorted(o.grad_fn.memo))
+    return kept
+
+
+def test_sp_backward_takes_what_the_forward_kept():
+    """gla's forward keeps its intra-chunk matrix for the backward (as outside SP), which uses it
+    up; nothing else outlives the forward (it would hold memory until the backward)."""
+    from seqpar_kernels.triton import gated
+
+    for kept in run_ranks(memo_handover, 2, timeout=600):
+        assert kept == {"gla": ([gated.INTRA], []), "gated_delta_rule": ([], [])}, kept
+
+
 def first_and_last_transitions(rank, P):
     """The scan never uses the transition of the chain's first shard (it multiplies a zero incoming
     state) or of its last (whose outgoing state goes nowhere): garbage there changes nothing, so the
@@ -282,7 +305,8 @@ EXTRA_DEVICE_OPS = {("contiguous", "lasp2"): 2, ("contiguous", "zeco"): 2, ("con
 
 
 def host_counts(rank, P):
-    from seqpar.bench.sp_host import count, fwd_bwd_plain, fwd_bwd_sp, local_inputs
+    from seqpar.bench.sp import fwd_bwd_plain, fwd_bwd_sp
+    from seqpar.bench.sp_host import count, local_inputs
 
     out = {}
     for variant, layout in itertools.product(["linear_attn", "simple_gla"], sp.LAYOUTS):

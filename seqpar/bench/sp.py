@@ -68,12 +68,16 @@ def _leaves(x, device, dtype, requires_grad=True):
     return out
 
 
-def _local(full: dict, layout: str) -> dict:
+def local_leaves(full: dict, layout: str) -> dict:
+    """This rank's shard of each whole-sequence tensor, as leaves (a replicated initial state and
+    lightning's [H] gate stay whole)."""
     return {n: (t if n == "initial_state" or t.dim() == 1 else sp.shard(t, None, layout)).detach().requires_grad_()
             for n, t in full.items()}
 
 
-def _fwd_bwd_plain(variant, x, do, backend):
+def fwd_bwd_plain(variant, x, do, backend):
+    """One forward+backward of the single-device kernel on the leaves x (gradients reset first,
+    as in a training step)."""
     def run():
         for t in x.values():
             t.grad = None
@@ -82,13 +86,14 @@ def _fwd_bwd_plain(variant, x, do, backend):
     return run
 
 
-def _fwd_bwd_sp(variant, x, do, method, layout, backend, slices):
+def fwd_bwd_sp(variant, x, do, method, layout, backend, slices=4, validate=False):
+    """The same through the SP call on this rank's shards x."""
     def run():
         for t in x.values():
             t.grad = None
         o, _ = sp.linear_attention(x["q"], x["k"], x["v"], variant=variant, g=x.get("g"), beta=x.get("beta"),
                                    method=method, layout=layout, backend=backend, zeco_slices=slices,
-                                   validate=False)
+                                   validate=validate)
         o.backward(do)
     return run
 
@@ -161,7 +166,7 @@ def _check(variant, method, layout, backend, args, device, dtype) -> dict:
     o, ht = sk.chunk(variant, full["q"], full["k"], full["v"], g=full.get("g"), beta=full.get("beta"),
                      initial_state=full["initial_state"], output_final_state=True, backend=backend)
     torch.autograd.backward([o, ht], [do, dht])
-    loc = _local({n: t.detach() for n, t in full.items()}, layout)
+    loc = local_leaves({n: t.detach() for n, t in full.items()}, layout)
     o_l, ht_l = sp.linear_attention(loc["q"], loc["k"], loc["v"], variant=variant, g=loc.get("g"),
                                     beta=loc.get("beta"), initial_state=loc["initial_state"],
                                     output_final_state=True, method=method, layout=layout, backend=backend,
@@ -253,12 +258,12 @@ def main(args) -> int:
                               dtype=torch.float32, initial_state=False, seed=rank)
             single = _leaves(x, device, dtype)
             do = torch.randn(single["v"].shape, device=device, dtype=dtype)
-            plain = _fwd_bwd_plain(variant, single, do, backend)
+            plain = fwd_bwd_plain(variant, single, do, backend)
             t_single = median_ms(plain, device, args.warmup, args.repeat)
             host_single = host_ms(plain, device, args.repeat)
             for layout in args.layouts:
                 for method in args.methods:
-                    run = _fwd_bwd_sp(variant, single, do, method, layout, backend, args.zeco_slices)
+                    run = fwd_bwd_sp(variant, single, do, method, layout, backend, args.zeco_slices)
                     t_sp = median_ms(run, device, args.warmup, args.repeat)
                     parts = _breakdown(variant, single, do, method, layout, backend, args.zeco_slices, device, args)
                     exposed = max(0.0, t_sp - parts["local_kernel_ms"] - parts["state_passes_ms"])

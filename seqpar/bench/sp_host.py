@@ -38,6 +38,8 @@ import seqpar_kernels as sk
 from seqpar import sp
 from seqpar.comm import counting
 
+from .sp import fwd_bwd_plain, fwd_bwd_sp, local_leaves
+
 # ops that start no GPU kernel: views, metadata, uninitialised allocations
 NO_KERNEL = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "as_strided", "select", "slice", "unsqueeze",
@@ -146,36 +148,13 @@ def configure(parser) -> None:
     parser.set_defaults(func=main)
 
 
-def _clear(x):
-    for t in x.values():
-        t.grad = None  # as in a training step: no accumulation op
-
-
-def fwd_bwd_plain(variant, x, do, backend):
-    def run():
-        _clear(x)
-        o, _ = sk.chunk(variant, x["q"], x["k"], x["v"], g=x.get("g"), beta=x.get("beta"), backend=backend)
-        o.backward(do)
-    return run
-
-
-def fwd_bwd_sp(variant, x, do, method, layout, backend, validate=False):
-    def run():
-        _clear(x)
-        o, _ = sp.linear_attention(x["q"], x["k"], x["v"], variant=variant, g=x.get("g"), beta=x.get("beta"),
-                                   method=method, layout=layout, backend=backend, validate=validate)
-        o.backward(do)
-    return run
-
-
 def local_inputs(variant, P, t_local, heads, head_dim, layout, seed=0):
     """This rank's shard of a random whole-sequence problem (fp32 leaves) and an upstream gradient."""
     from seqpar_kernels.testing import random_inputs
 
     x = random_inputs(variant, B=1, T=t_local * P, H=heads, K=head_dim, V=head_dim, dtype=torch.float32,
                       initial_state=False, seed=seed)
-    leaves = {n: (t if t.dim() == 1 else sp.shard(t, None, layout)).detach().requires_grad_()
-              for n, t in x.tensors().items()}
+    leaves = local_leaves(x.tensors(), layout)
     return leaves, torch.randn_like(leaves["v"])
 
 
@@ -191,7 +170,7 @@ def count(run, backend: str, run_kernels: bool = False) -> dict:
             "top_ops": dict(ops.ops.most_common(12)), "launches": dict(tl)}
 
 
-def host_ms(run, backend: str, warmup: int, repeat: int) -> tuple[float, float]:
+def issue_ms(run, backend: str, warmup: int, repeat: int) -> tuple[float, float]:
     """Median wall milliseconds of run() on this rank, every run started together, and the median
     of the same less the time blocked in collectives (comm_waits); the slowest rank's."""
     with triton_launches(run=False) if backend == "triton" else contextlib.nullcontext():
@@ -226,12 +205,12 @@ def measure(rank, P, opts: dict) -> list[dict]:
         x, do = local_inputs(variant, P, opts["t_local"], opts["heads"], opts["head_dim"], "contiguous")
         plain = fwd_bwd_plain(variant, x, do, opts["backend"])
         c_plain = _max_over_ranks(count(plain, opts["backend"], opts["run_kernels"]))
-        t_plain = host_ms(plain, opts["backend"], opts["warmup"], opts["repeat"])[0]  # no collectives
+        t_plain = issue_ms(plain, opts["backend"], opts["warmup"], opts["repeat"])[0]  # no collectives
         for layout in opts["layouts"]:
             for method in opts["methods"]:
-                run = fwd_bwd_sp(variant, x, do, method, layout, opts["backend"], opts["validate"])
+                run = fwd_bwd_sp(variant, x, do, method, layout, opts["backend"], validate=opts["validate"])
                 c = _max_over_ranks(count(run, opts["backend"], opts["run_kernels"]))
-                wall, issue = host_ms(run, opts["backend"], opts["warmup"], opts["repeat"])
+                wall, issue = issue_ms(run, opts["backend"], opts["warmup"], opts["repeat"])
                 rows.append({"variant": variant, "method": method, "layout": layout, "sp": c, "plain": c_plain,
                              "sp_host_ms": wall, "sp_host_ms_less_comm_waits": issue, "plain_host_ms": t_plain})
     return rows

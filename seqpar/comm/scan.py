@@ -113,7 +113,7 @@ class StateScan:
         n_local, s_shape = dS.shape[0], dS.shape[1:]
         last = max(self.positions)  # this rank folds the prefix up to its last shard
         if self.chain.n > 2:  # some shard is inner: the transitions travel with the states
-            t_shape = self.transition_shape(T, dS)
+            t_shape = self._transition_shape(T, dS)
             T = T if T is not None else dS.new_empty(n_local, *t_shape)  # no local one is read
             packed = torch.cat([T.reshape(n_local, -1).to(dS.dtype), dS.reshape(n_local, -1)], 1)
             gathered = C.all_gather(packed, self.group)  # [P, n_local, t + s]
@@ -131,7 +131,7 @@ class StateScan:
                 S = self.family.fold(self._T_all.get(p), S_in[p], dS_all[p])
         return self._stacked([S_in[p] for p in self.positions], dS[0])
 
-    def transition_shape(self, T, dS) -> tuple[int, ...]:
+    def _transition_shape(self, T, dS) -> tuple[int, ...]:
         if T is not None:
             return tuple(T.shape[1:])
         B, H, K = dS.shape[1:4]

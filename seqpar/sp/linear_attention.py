@@ -147,6 +147,11 @@ def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    """Precision of the states exchanged between ranks: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, H: int, dtype, device) -> torch.Tensor:
     """The transitions of ungated shards (never written: every use reads it)."""
@@ -184,11 +189,12 @@ class _Spec:
         p = self.plan
         return x.reshape(p.B, p.n_local * p.L, *x.shape[2:])
 
-    def call(self, q, k, v, g, beta) -> Call:
-        # memo: the state pass and the kernel run on this one Call share their start-independent work
+    def call(self, q, k, v, g, beta, memo: dict) -> Call:
+        # memo: the state pass and the kernel run on this one Call share their start-independent work,
+        # and the backward gets what the forward kept for it (gla: the intra-chunk matrix)
         # contiguous once here rather than in every entry point (lightning's g is an expanded [H])
         x = (self.to_chain(t).contiguous() if t is not None else None for t in (q, k, v, g, beta))
-        return Call(*x, self.scale, self.indices(q.device).local_cu, memo={}, cu_host=self.plan.local_cu)
+        return Call(*x, self.scale, self.indices(q.device).local_cu, memo=memo, cu_host=self.plan.local_cu)
 
     # Between kernel sequences [n_seqs, ...] and local shards [n_local, rows, ...]. Without packed
     # documents, sequence b * n_local + i is row b of shard i: both directions are views.
@@ -303,9 +309,9 @@ class _LinearAttentionSP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, spec: _Spec):
         kernel = spec.kernel
-        call = spec.call(q, k, v, g, beta)
+        call = spec.call(q, k, v, g, beta, memo={})
         ix = spec.indices(q.device)
-        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        sdt = _state_dtype(q)
         h0_known = spec.known_initial(call, initial_state, sdt)
         # a rank holding no shard inside the chain skips the delta rules' K x K transition pass (on
         # two ranks with the contiguous layout, every rank)
@@ -326,7 +332,7 @@ class _LinearAttentionSP(torch.autograd.Function):
         o, fin = kernel.forward(call, h0_known, h0_late)
         final = spec.docs_final(fin.to(sdt)) if spec.output_final_state else o.new_empty(0)
         ctx.set_materialize_grads(False)  # no zero fills for gradients that do not arrive
-        ctx.spec, ctx.scan = spec, scan
+        ctx.spec, ctx.scan, ctx.memo = spec, scan, call.memo
         ctx.save_for_backward(q, k, v, g, beta, initial_state, plus_late(h0_known, lambda: incoming["h0"]), T)
         return spec.from_chain(o), final
 
@@ -334,10 +340,10 @@ class _LinearAttentionSP(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         q, k, v, g, beta, initial_state, h0, T = ctx.saved_tensors
         spec, scan, kernel = ctx.spec, ctx.scan, ctx.spec.kernel
-        call = spec.call(q, k, v, g, beta)
+        call = spec.call(q, k, v, g, beta, memo=ctx.memo)
         ix = spec.indices(q.device)
         do = spec.to_chain(do.contiguous() if do is not None else torch.zeros_like(v))
-        sdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        sdt = _state_dtype(q)
         dht = spec.known_final_grad(call, dfinal, sdt)
         D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), ix.first)
         Y = _on_side_stream(lambda: scan.backward(D, T), q.device)

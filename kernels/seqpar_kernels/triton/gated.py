@@ -727,7 +727,7 @@ def _chunking(boundaries: tuple, H: int, K: int, V: int, gate: int, device, segm
     bounds = list(zip(boundaries, boundaries[1:]))
     if segment_chunks is None:
         bk, bv, _ = _tiles("state", gate, K, V)
-        total = sum(-(-(e - s) // CHUNK) for s, e in bounds)
+        total = sum(cdiv(e - s, CHUNK) for s, e in bounds)
         segment_chunks = default_segment_chunks(total, H * cdiv(K, bk) * cdiv(V, bv), device)
     return segment_chunks, make_plan(bounds, device, CHUNK, segment_chunks)
 
@@ -777,9 +777,7 @@ def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
     st = _Setup(call, segment_chunks)
     states, cdec, seg_state, seg_dec = _segment_states(st, call, "forward", st.k, st.v, reverse=False, keep=False)
     seg_in, ht = st.scan(seg_state, seg_dec, plus_late(h0, h0_late), reverse=False, store_in=True)
-    A = st.intra() if st.gate == 2 else None
-    if A is not None and call.memo is not None:  # kept for a backward on the same Call
-        call.memo[INTRA] = (None, A)
+    A = reuse(call.memo, INTRA, None, True, st.intra) if st.gate == 2 else None  # kept for the backward
     return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False, A=A), ht
 
 
@@ -816,7 +814,7 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
     nk = cdiv(K, bk)
     dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
     if st.gate == 2:
-        A, dA, G = st.intra(do, reuse(call.memo, INTRA, None, False, lambda: None))
+        A, dA, G = st.intra(do, A=reuse(call.memo, INTRA, None, False, lambda: None))  # None: formed again
     else:
         A, dA, G = None, st.q, st.q
     if st.gate == 1:
