@@ -54,14 +54,16 @@ BLOCK = 16  # sub-chunk of the per-key intra-chunk products
 # (BK, BV, num_warps, num_stages) of each kernel by gate kind (0 none, 1 per token, 2 per key).
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
 # sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
-# where the tiles allow. SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
+# where the tiles allow; then by GPU timing: the per-key state and intra tiles won the H100 tile
+# sweep of docs/performance.md (intra at BK=64 spills 40-64 B and is still 0.6 ms faster at 64K).
+# SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
 # tuning runs: every setting used must pass the GPU check.
 TILES = {
-    "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 64, 4, 3)},
+    "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 128, 4, 3)},
     "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
     "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
     "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
-    "intra": {2: (32, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
+    "intra": {2: (64, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
     _name, _gate = _key.split(":")
