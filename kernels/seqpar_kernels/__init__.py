@@ -20,9 +20,9 @@ the unrelated PyPI distribution called ``kernels``.
 from __future__ import annotations
 
 from . import backends
-from .variants import VARIANTS, InputError, Variant, get_variant, lightning_decay, normalize_inputs
+from .variants import VARIANTS, InputError, Variant, get_variant, lightning_decay, normalize_inputs, wide_dtype
 
-__all__ = ["VARIANTS", "Variant", "InputError", "get_variant", "lightning_decay", "chunk", "naive"]
+__all__ = ["VARIANTS", "Variant", "InputError", "get_variant", "lightning_decay", "wide_dtype", "chunk", "naive"]
 
 
 def chunk(variant, q, k, v, *, g=None, beta=None, scale=None, initial_state=None,

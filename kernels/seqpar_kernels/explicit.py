@@ -31,6 +31,7 @@ import torch
 
 from .chunk_torch import chunk_reference
 from .summaries import gated_final_state, gated_state_grad
+from .variants import wide_dtype
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,7 @@ class TorchKernel(ExplicitKernel):
         leaves = {n: getattr(call, n).detach().requires_grad_() for n in names if getattr(call, n) is not None}
         if h0 is None:
             N, H, K, V = call.n_states, call.q.shape[2], call.q.shape[3], call.v.shape[3]
-            dt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
-            h0 = call.q.new_zeros(N, H, K, V, dtype=dt)
+            h0 = call.q.new_zeros(N, H, K, V, dtype=wide_dtype(call.q.dtype))
         leaves["h0"] = h0.detach().requires_grad_()
         return leaves
 

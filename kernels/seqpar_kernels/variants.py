@@ -18,6 +18,12 @@ from dataclasses import dataclass
 import torch
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of states, decays and accumulators: float64 for float64 inputs (the exact
+    reference runs), float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -133,7 +139,7 @@ def normalize_inputs(variant: Variant, q, k, v, g, beta, scale, initial_state, c
     if variant.gate == "head":
         if g is None:
             g = lightning_decay(H, device=q.device,
-                                dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                                dtype=wide_dtype(q.dtype))
         if g.shape != (H,):
             _fail(name, f"g must be the per-head log decay of shape [H] = [{H}]; got {tuple(g.shape)}")
         g = g.to(device=q.device).view(1, 1, H).expand(B, T, H)

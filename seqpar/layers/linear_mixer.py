@@ -29,7 +29,7 @@ import seqpar_kernels
 from seqpar import sp
 from seqpar.parallel import ParallelContext
 from seqpar.sp.tokens import cu_list
-from seqpar_kernels import get_variant, lightning_decay
+from seqpar_kernels import get_variant, lightning_decay, wide_dtype
 
 from .conv import ShortConv
 from .norm import HeadRMSNorm
@@ -102,7 +102,7 @@ class LinearMixer(nn.Module):
         return self.o_proj(o.reshape(B, T, H * D))
 
     def _gates(self, x, B, T):
-        wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # decays stay in fp32
+        wide = wide_dtype(x.dtype)  # decays stay in fp32 under bf16
         name, g, beta = self.variant.name, None, None
         if name == "lightning":
             g = lightning_decay(self.num_heads, device=x.device, dtype=wide)[self.head_slice]

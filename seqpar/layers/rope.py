@@ -4,6 +4,7 @@ sharded sequence is rotated exactly as the whole one would be."""
 from __future__ import annotations
 
 import torch
+from seqpar_kernels import wide_dtype
 
 
 def apply_rope(x: torch.Tensor, position: torch.Tensor, base: float) -> torch.Tensor:
@@ -11,7 +12,7 @@ def apply_rope(x: torch.Tensor, position: torch.Tensor, base: float) -> torch.Te
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"RoPE needs an even head dimension, got {D}")
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = wide_dtype(x.dtype)
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=wide) / D)
     angle = position.to(device=x.device, dtype=wide)[:, None] * inv_freq  # [T, D/2]
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]           # [T, 1, D/2]

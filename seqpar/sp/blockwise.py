@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqpar_kernels import InputError
+from seqpar_kernels import InputError, wide_dtype
 
 IMPLS = ("auto", "flash", "math")
 _NO_LIMIT = 1 << 62
@@ -397,11 +397,6 @@ def attend_backward(q, k, v, out, do, lse, delta, q_start, k_start, dq, dk, dv, 
 
 
 # ---- the autograd function ----------------------------------------------------------------------------
-def acc_dtype(dtype) -> torch.dtype:
-    """Accumulation precision of partial outputs, log-sum-exps and gradients."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _span(x, span):
     off, n, _ = span
     return x[:, off:off + n]
@@ -411,7 +406,7 @@ class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: Spec):
         B, _, Hq, D = q.shape
-        adt = acc_dtype(q.dtype)
+        adt = wide_dtype(q.dtype)
         if spec.remote is not None:  # in flight while the local blocks are computed
             spec.remote.start(torch.stack([k, v]))
         parts = [Partial(B * n, Hq, D, adt, q.device) for _, n, _ in spec.q_spans]

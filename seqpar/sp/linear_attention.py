@@ -26,7 +26,7 @@ import torch
 import seqpar_kernels
 from seqpar.comm import METHODS, Family, StateScan
 from seqpar.comm import collectives as C
-from seqpar_kernels import InputError, get_variant
+from seqpar_kernels import InputError, get_variant, wide_dtype
 from seqpar_kernels.backends import resolve
 from seqpar_kernels.explicit import Call, ExplicitKernel, explicit_kernel, plus_late
 from seqpar_kernels.variants import check_cu_seqlens, normalize_inputs
@@ -145,11 +145,6 @@ def _indices(plan: Plan, device: torch.device) -> _Indices:
 
 def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _state_dtype(x: torch.Tensor) -> torch.dtype:
-    """Precision of the states exchanged between ranks: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=64)
@@ -311,7 +306,7 @@ class _LinearAttentionSP(torch.autograd.Function):
         kernel = spec.kernel
         call = spec.call(q, k, v, g, beta, memo={})
         ix = spec.indices(q.device)
-        sdt = _state_dtype(q)
+        sdt = wide_dtype(q.dtype)  # the states exchanged between ranks
         h0_known = spec.known_initial(call, initial_state, sdt)
         # a rank holding no shard inside the chain skips the delta rules' K x K transition pass (on
         # two ranks with the contiguous layout, every rank)
@@ -343,7 +338,7 @@ class _LinearAttentionSP(torch.autograd.Function):
         call = spec.call(q, k, v, g, beta, memo=ctx.memo)
         ix = spec.indices(q.device)
         do = spec.to_chain(do.contiguous() if do is not None else torch.zeros_like(v))
-        sdt = _state_dtype(q)
+        sdt = wide_dtype(q.dtype)  # the states exchanged between ranks
         dht = spec.known_final_grad(call, dfinal, sdt)
         D = spec.per_shard(kernel.state_grad(call, do, dht).to(sdt), ix.first)
         Y = _on_side_stream(lambda: scan.backward(D, T), q.device)

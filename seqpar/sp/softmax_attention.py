@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from seqpar.comm import collectives as C
-from seqpar_kernels import InputError
+from seqpar_kernels import InputError, wide_dtype
 
-from .blockwise import (KeyBlock, Mask, Spec, acc_dtype, as_list, blockwise_attention, check_inputs, key_hull,
+from .blockwise import (KeyBlock, Mask, Spec, as_list, blockwise_attention, check_inputs, key_hull,
                         resolve_impl)
 from .layout import LAYOUTS, local_positions, split_error
 
@@ -143,7 +143,7 @@ class _Gathered:
     def blocks(self, backward: bool):
         self.work.wait()
         shape = self.kv_all.shape
-        self.grads = torch.zeros(shape, dtype=acc_dtype(self.kv_all.dtype), device=self.kv_all.device) \
+        self.grads = torch.zeros(shape, dtype=wide_dtype(self.kv_all.dtype), device=self.kv_all.device) \
             if backward else None
         for s, pieces in enumerate(self.plan.need[self.me]):
             for p in pieces:
@@ -190,7 +190,7 @@ class _Direct:
 
     def start(self, kv: torch.Tensor) -> None:
         self.kv, self.B, self.head = kv, kv.shape[1], tuple(kv.shape[3:])
-        self.grad_shape, self.grad_opts = kv.shape, dict(dtype=acc_dtype(kv.dtype), device=kv.device)
+        self.grad_shape, self.grad_opts = kv.shape, dict(dtype=wide_dtype(kv.dtype), device=kv.device)
         self.per_token = 2 * self.B * kv.shape[3] * kv.shape[4]
         self.total, self.grads_in_flight = None, None
         self.pending = self._send_kv(self.steps[0])
