@@ -56,8 +56,8 @@ BLOCK = 16  # sub-chunk of the per-key intra-chunk products
 # sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
 # where the tiles allow; then by GPU timing: the per-key state and intra tiles won the H100 tile
 # sweep of docs/performance.md (intra at BK=64 spills 40-64 B and is still 0.6 ms faster at 64K).
-# SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for
-# tuning runs: every setting used must pass the GPU check.
+# SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for tuning runs: every setting
+# used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 128, 4, 3)},
     "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
