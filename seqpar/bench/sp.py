@@ -86,14 +86,14 @@ def fwd_bwd_plain(variant, x, do, backend):
     return run
 
 
-def fwd_bwd_sp(variant, x, do, method, layout, backend, slices=4, validate=False):
-    """The same through the SP call on this rank's shards x."""
+def fwd_bwd_sp(variant, x, do, method, layout, backend, validate=False, **options):
+    """The same through the SP call on this rank's shards x (options: more sp.linear_attention
+    arguments, e.g. zeco_slices; validation off unless asked, as timed)."""
     def run():
         for t in x.values():
             t.grad = None
         o, _ = sp.linear_attention(x["q"], x["k"], x["v"], variant=variant, g=x.get("g"), beta=x.get("beta"),
-                                   method=method, layout=layout, backend=backend, zeco_slices=slices,
-                                   validate=validate)
+                                   method=method, layout=layout, backend=backend, validate=validate, **options)
         o.backward(do)
     return run
 
@@ -263,7 +263,7 @@ def main(args) -> int:
             host_single = host_ms(plain, device, args.repeat)
             for layout in args.layouts:
                 for method in args.methods:
-                    run = fwd_bwd_sp(variant, single, do, method, layout, backend, args.zeco_slices)
+                    run = fwd_bwd_sp(variant, single, do, method, layout, backend, zeco_slices=args.zeco_slices)
                     t_sp = median_ms(run, device, args.warmup, args.repeat)
                     parts = _breakdown(variant, single, do, method, layout, backend, args.zeco_slices, device, args)
                     exposed = max(0.0, t_sp - parts["local_kernel_ms"] - parts["state_passes_ms"])

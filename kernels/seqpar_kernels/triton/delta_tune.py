@@ -40,12 +40,12 @@ CONFIGS = {
 WORKERS = [("A", "core"), ("A", "ext"), ("B", "core"), ("B", "ext"), ("C", "core"), ("D", "core")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
-# tiny sizes (checks the script itself before it spends device time; the interpreter must be on
-# before the package imports Triton, hence the second variable)
+# tiny sizes (checks the script itself before it spends device time). The interpreter must be on
+# before the package's kernels are defined, i.e. before this module runs: it cannot switch it on.
 SMOKE = os.environ.get("DELTA_GPU_SMOKE") == "1"
 DEV = "cpu" if SMOKE else "cuda"
-if SMOKE:
-    os.environ["TRITON_INTERPRET"] = "1"
+if SMOKE and os.environ.get("TRITON_INTERPRET") != "1":
+    sys.exit("DELTA_GPU_SMOKE=1 runs the kernels under the Triton interpreter: set TRITON_INTERPRET=1 as well")
 
 
 def _sync():

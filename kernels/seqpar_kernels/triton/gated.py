@@ -360,9 +360,9 @@ def _gla_intra_kernel(q, k, g, v, do, A, dA, Gs, chunk_start, chunk_end, chunk_s
         # b_A is zero in and above the diagonal blocks, which are stored from b_Ad
         other_block = (o_t[:, None] // BC) != (o_t[None, :] // BC)
         tl.store(base + (o_t[:, None] * (H * C) + o_t[None, :]), b_A, mask=m_t[:, None] & other_block)
-        o_b = tl.arange(0, NB)[:, None, None] * BC
-        rows = o_b + o_l[None, :, None]
-        tl.store(base + (rows * (H * C) + o_b + o_l[None, None, :]), b_Ad, mask=rows < n_t)
+        first = o_b[:, None, None] * BC  # each diagonal block's first row and column
+        rows = first + o_l[None, :, None]
+        tl.store(base + (rows * (H * C) + first + o_l[None, None, :]), b_Ad, mask=rows < n_t)
     if BACKWARD:
         b_dA = tl.zeros([C, C], dtype=tl.float32)
         # not software-pipelined: on Hopper, Triton 3.6's pipelined version (async copies into two
