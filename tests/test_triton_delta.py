@@ -10,6 +10,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
 
 import functools  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -134,6 +135,36 @@ def test_split_preparation(variant, monkeypatch):
     x = random_inputs(variant, B=1, T=149, H=2, K=20, V=12, n_states=4, seed=17)
     got, want = _run(variant, x, torch.float32, True, True, cu_seqlens=cu)
     _check(got, want, TOL[torch.float32], f"{variant} split preparation")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("keep_t", [False, True])
+def test_backward_from_the_forwards_inverse(variant, keep_t, monkeypatch):
+    """As under autograd and in the SP layer's order (final_state, forward, state_grad, backward on
+    one Call with a memo): with keep_t the forward leaves T and the gate for the backward, whose
+    WY preparation is then wy_apply alone; the results are the same either way."""
+    monkeypatch.setitem(delta.CONFIG, "keep_t", keep_t)
+    cu = torch.tensor([0, 1, 65, 130, 149])
+    x = random_inputs(variant, B=1, T=149, H=2, K=20, V=12, n_states=4, seed=23)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(x.v.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(x.initial_state.shape, generator=gen, dtype=torch.float64)
+    want = _reference(variant, x, do, dht, cu)
+    call = replace(_call(x, torch.float32, cu), memo={})
+    h0 = x.initial_state.float()
+    ht = delta.final_state(call, h0)
+    o, ht = delta.forward(call, h0)
+    kept = {delta.WY_INVERSE, delta.WY_GATE} if x.g is not None else {delta.WY_INVERSE}
+    assert set(call.memo) == (kept if keep_t else set())
+    do = do.float()
+    dh0 = delta.state_grad(call, do, dht.float())
+    gr = delta.backward(call, h0, do, dht.float())
+    assert call.memo == {}  # everything kept was used up
+    got = {"o": o, "ht": ht, "dq": gr.dq, "dk": gr.dk, "dv": gr.dv, "dbeta": gr.dbeta, "dinitial_state": gr.dh0}
+    if x.g is not None:
+        got["dg"] = gr.dg
+    _check(got, want, TOL[torch.float32], f"{variant} keep_t={keep_t}")
+    assert torch.equal(dh0, gr.dh0)
 
 
 def test_late_states():

@@ -148,6 +148,35 @@ def test_memo_shares_the_state_pass_with_the_kernel(variant):
         assert (a is None and b is None) or torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("variant", ["gla", "gated_delta_rule"])
+def test_what_the_forward_keeps_is_saved_for_backward(variant, monkeypatch):
+    """gla's intra-chunk matrix and the delta rules' WY inverse (keep_t) reach the backward as saved
+    tensors, so saved-tensor hooks see them (activation checkpointing drops them, save_on_cpu
+    offloads them) instead of ctx holding them on the device; checkpointed gradients are the same."""
+    from torch.utils.checkpoint import checkpoint
+
+    from seqpar_kernels.testing import random_inputs
+    from seqpar_kernels.triton import delta
+
+    monkeypatch.setitem(delta.CONFIG, "keep_t", True)
+    x = random_inputs(variant, B=1, T=150, H=2, K=16, V=8, dtype=torch.float32, seed=5)
+    leaves = [t.detach().requires_grad_() for t in (x.q, x.k, x.v, x.g)]
+
+    def f(q, k, v, g):
+        return sk.chunk(variant, q, k, v, g=g, beta=x.beta, backend="triton")[0]
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        o = f(*leaves)
+    # [rows, H, 64]: one 64-wide row per token and head (no input is 64 wide)
+    assert any(t.shape == (150, 2, 64) for t in packed), [tuple(t.shape) for t in packed]
+    do = torch.randn_like(o)
+    want = torch.autograd.grad(o, leaves, do)
+    got = torch.autograd.grad(checkpoint(f, *leaves, use_reentrant=False), leaves, do)
+    for name, a, b in zip("qkvg", got, want):
+        assert torch.equal(a, b), name
+
+
 def test_float64_is_refused_with_advice():
     x = sk.testing.random_inputs("simple_gla", T=8, dtype=torch.float64)
     with pytest.raises(sk.InputError, match="backend='torch'"):

@@ -19,7 +19,10 @@ then, so the exchange overlaps that work. The default resolves it at once.
 `Call.memo` (a dict, or None) lets the entry points called on one Call share work: the SP layer
 runs a state pass and then the kernel on the same Call, and the h0-independent part of the state
 pass (the Triton kernels' segment-local states, the delta rules' WY preparation) is what the
-kernel would compute again; a backend may keep it there for the next entry point.
+kernel would compute again; a backend may keep it there for the next entry point. What a forward
+leaves there for its backward (tensors under a tag of None) goes through save_for_backward
+(save_with_memo / saved_with_memo), so activation checkpointing and offloading treat it as they
+treat every other saved activation.
 Arguments are already checked and normalised (variants.normalize_inputs); h0 / dht may be None.
 """
 from __future__ import annotations
@@ -125,6 +128,25 @@ def reuse(memo: dict | None, key, tag, keep: bool, compute):
     if keep and memo is not None:
         memo[key] = (tag, out)
     return out
+
+
+def save_with_memo(ctx, memo: dict | None, *tensors) -> None:
+    """ctx.save_for_backward(*tensors) and the tensors a kernel's forward left in `memo` for its
+    backward (gla's intra-chunk matrix, the delta rules' WY inverse). Kept in ctx.memo instead they
+    would stay on the GPU until the backward: activation checkpointing could not drop them, nor
+    save_on_cpu move them to the host."""
+    keys = [k for k, (tag, x) in (memo or {}).items() if tag is None and isinstance(x, torch.Tensor)]
+    ctx.memo, ctx.memo_keys = memo, keys
+    ctx.save_for_backward(*tensors, *(memo.pop(k)[1] for k in keys))
+
+
+def saved_with_memo(ctx) -> tuple[tuple, dict | None]:
+    """(the tensors given to save_with_memo, the memo with the forward's tensors back in it)."""
+    saved = ctx.saved_tensors
+    n = len(saved) - len(ctx.memo_keys)
+    if ctx.memo is not None:
+        ctx.memo.update((k, (None, x)) for k, x in zip(ctx.memo_keys, saved[n:]))
+    return saved[:n], ctx.memo
 
 
 class TorchKernel(ExplicitKernel):

@@ -28,7 +28,7 @@ from seqpar.comm import METHODS, Family, StateScan
 from seqpar.comm import collectives as C
 from seqpar_kernels import InputError, get_variant, wide_dtype
 from seqpar_kernels.backends import resolve
-from seqpar_kernels.explicit import Call, ExplicitKernel, explicit_kernel, plus_late
+from seqpar_kernels.explicit import Call, ExplicitKernel, explicit_kernel, plus_late, save_with_memo, saved_with_memo
 from seqpar_kernels.variants import check_cu_seqlens, normalize_inputs
 
 from .layout import LAYOUTS, split_error
@@ -327,15 +327,15 @@ class _LinearAttentionSP(torch.autograd.Function):
         o, fin = kernel.forward(call, h0_known, h0_late)
         final = spec.docs_final(fin.to(sdt)) if spec.output_final_state else o.new_empty(0)
         ctx.set_materialize_grads(False)  # no zero fills for gradients that do not arrive
-        ctx.spec, ctx.scan, ctx.memo = spec, scan, call.memo
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, plus_late(h0_known, lambda: incoming["h0"]), T)
+        ctx.spec, ctx.scan = spec, scan
+        save_with_memo(ctx, call.memo, q, k, v, g, beta, initial_state, plus_late(h0_known, lambda: incoming["h0"]), T)
         return spec.from_chain(o), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial_state, h0, T = ctx.saved_tensors
+        (q, k, v, g, beta, initial_state, h0, T), memo = saved_with_memo(ctx)
         spec, scan, kernel = ctx.spec, ctx.scan, ctx.spec.kernel
-        call = spec.call(q, k, v, g, beta, memo=ctx.memo)
+        call = spec.call(q, k, v, g, beta, memo=memo)
         ix = spec.indices(q.device)
         do = spec.to_chain(do.contiguous() if do is not None else torch.zeros_like(v))
         sdt = wide_dtype(q.dtype)  # the states exchanged between ranks

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..explicit import Call, ExplicitKernel, Grads
+from ..explicit import Call, ExplicitKernel, Grads, save_with_memo, saved_with_memo
 from . import delta, gated
 
 
@@ -50,17 +50,19 @@ class _ChunkTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, initial_state, scale, cu_seqlens, output_final_state):
         cu_host = tuple(cu_seqlens.tolist()) if cu_seqlens is not None else None  # once, for both passes
-        # the memo carries what the forward keeps for the backward (gla: the intra-chunk matrix)
-        call = Call(q, k, v, g, beta, scale, cu_seqlens, memo={}, cu_host=cu_host)
+        # the memo carries what the forward keeps for the backward (gla: the intra-chunk matrix; the
+        # delta rules: the WY inverse), so only where a backward can follow
+        memo = {} if any(ctx.needs_input_grad) else None
+        call = Call(q, k, v, g, beta, scale, cu_seqlens, memo=memo, cu_host=cu_host)
         o, ht = _KERNEL.forward(call, initial_state)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.cu_seqlens, ctx.cu_host, ctx.memo = scale, cu_seqlens, cu_host, call.memo
+        save_with_memo(ctx, call.memo, q, k, v, g, beta, initial_state)
+        ctx.scale, ctx.cu_seqlens, ctx.cu_host = scale, cu_seqlens, cu_host
         return o, (ht if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
-        call = Call(q, k, v, g, beta, ctx.scale, ctx.cu_seqlens, memo=ctx.memo, cu_host=ctx.cu_host)
+        (q, k, v, g, beta, initial_state), memo = saved_with_memo(ctx)
+        call = Call(q, k, v, g, beta, ctx.scale, ctx.cu_seqlens, memo=memo, cu_host=ctx.cu_host)
         gr = _KERNEL.backward(call, initial_state, do, dht)
         need = ctx.needs_input_grad
         dh0 = gr.dh0.to(initial_state.dtype) if need[5] else None

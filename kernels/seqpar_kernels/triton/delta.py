@@ -45,6 +45,9 @@ MAX_HEAD_DIM = 256
 # dk/dbeta from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
 # prep "split" (wy_solve with few warps + wy_apply) passes the GPU check too but was no faster on the
 # H100 (run 8: 3.0 ms for two calls against wy_prep's 2.6), so "fused" (wy_prep) is the default.
+# keep_t: a forward under autograd stores T (64 values per token and head in the input dtype, as fla
+# keeps its A) and leaves it with the cumulative gate for the backward, whose WY preparation is
+# then wy_apply alone, without the solve.
 CONFIG = {
     "seg_chunks": 0,  # forward / backward: segments of this many chunks (0: whole documents)
     "chain_bv": 32,
@@ -55,13 +58,16 @@ CONFIG = {
     "state_stages": 2,
     "scan_bv": 32,
     "prep": "fused",
+    "keep_t": False,
     "prep_warps": 4,
     "solve_warps": 2,
     "solve_bk": 64,
     "apply_warps": 4,
     "apply_bk": 128,
+    "out_bk": 128,
     "out_bv": 128,
     "out_warps": 8,
+    "out_stages": 1,
     "dqk_bk": 128,
     "dqk_bv": 64,
     "dqk_warps": 8,
@@ -71,6 +77,9 @@ CONFIG = {
     "wy_warps": 8,
     "wy_stages": 2,
 }
+
+
+WY_INVERSE, WY_GATE = "wy_inverse", "wy_gate"  # memo keys of what a forward keeps for the backward (keep_t)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -186,39 +195,61 @@ class _WY:
     dvl: torch.Tensor | None  # local part of dVn, [rows, H, V]
 
 
-def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None = None) -> _WY:
-    gc = L.new(L.rows, L.H, dtype=torch.float32) if L.g is not None else None
+def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None = None, kept=None) -> _WY:
+    """The WY preparation: wy_prep (fused), wy_solve + wy_apply (split), or wy_apply alone from
+    `kept`, the forward's (T, cumulative gate)."""
     w = L.new(L.rows, L.H, L.K)
     u = L.new(L.rows, L.H, L.V) if store_u else None
-    split = CONFIG["prep"] == "split"
-    t = L.new(L.rows, L.H, CHUNK) if store_t or split else None
     dvl = L.new(L.rows, L.H, L.V) if do is not None else None
+    use_g = L.g is not None
+    if kept is not None:
+        t, gc = kept
+    else:
+        gc = L.new(L.rows, L.H, dtype=torch.float32) if use_g else None
+        t = L.new(L.rows, L.H, CHUNK) if store_t or CONFIG["prep"] == "split" else None
     any_ = w
     pick = lambda x: x if x is not None else any_  # noqa: E731
-    use_g = L.g is not None
     bv = min(_pow2(L.V), 128)
-    if split:
-        kern.wy_solve[(L.n_chunks, L.H)](
-            L.k, L.beta, pick(L.g), pick(gc), t, L.cu, L.idx, L.T, L.NT, L.H, L.K,
-            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, **_launch(L, CONFIG["solve_warps"]))
-        kern.wy_apply[(L.n_chunks, L.H)](
-            L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
-            L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
-            BK=min(L.BK, CONFIG["apply_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
-            STORE_U=store_u, DO_DVL=do is not None, **_launch(L, CONFIG["apply_warps"]))
-    else:
+    if kept is None and CONFIG["prep"] == "fused":
         kern.wy_prep[(L.n_chunks, L.H)](
             L.k, L.v, L.beta, pick(L.g), L.q, pick(do), pick(gc), w, pick(u), pick(t), pick(dvl),
             L.cu, L.idx, L.scale, L.T, L.NT, L.H, L.K, L.V,
             BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
             STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, **_launch(L, CONFIG["prep_warps"]))
+        return _WY(gc, w, u, t, dvl)
+    if kept is None:
+        kern.wy_solve[(L.n_chunks, L.H)](
+            L.k, L.beta, pick(L.g), pick(gc), t, L.cu, L.idx, L.T, L.NT, L.H, L.K,
+            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, **_launch(L, CONFIG["solve_warps"]))
+    kern.wy_apply[(L.n_chunks, L.H)](
+        L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
+        L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
+        BK=min(L.BK, CONFIG["apply_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
+        STORE_U=store_u, DO_DVL=do is not None, **_launch(L, CONFIG["apply_warps"]))
     return _WY(gc, w, u, t, dvl)
 
 
 def _wy(call: Call, L: _Layout, key: str, *, keep: bool, tag=None, **prep) -> _WY:
     """_prep(L, **prep), shared through call.memo: the WY preparation does not depend on the start
-    state, so a state pass (keep=True) and the kernel after it on the same Call compute it once."""
-    return reuse(call.memo, key, tag, keep, lambda: _prep(L, **prep))
+    state, so a state pass (keep=True) and the kernel after it on the same Call compute it once.
+    The backward's starts from the forward's T where the forward kept it (keep_t)."""
+    def build():
+        kept = None
+        if key == "backward":
+            t = reuse(call.memo, WY_INVERSE, None, False, lambda: None)
+            kept = (t, reuse(call.memo, WY_GATE, None, False, lambda: None)) if t is not None else None
+        return _prep(L, kept=kept, **prep)
+    return reuse(call.memo, key, tag, keep, build)
+
+
+def _forward_wy(call: Call, L: _Layout, *, keep: bool) -> _WY:
+    """The forward's WY preparation (final_state's, kept for the forward after it); it stores T
+    when the backward is to start from it (keep_t, under autograd: a Call with a memo)."""
+    return _wy(call, L, "forward", keep=keep, store_u=True, store_t=_keeps_t(call))
+
+
+def _keeps_t(call: Call) -> bool:
+    return CONFIG["keep_t"] and call.memo is not None
 
 
 @dataclass
@@ -322,20 +353,25 @@ def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
 
 def forward(call: Call, h0, h0_late=None):
     L = _layout(call)
-    wy = _wy(call, L, "forward", keep=False, store_u=True, store_t=False)
+    wy = _forward_wy(call, L, keep=False)
+    if _keeps_t(call):
+        call.memo[WY_INVERSE] = (None, wy.t)
+        if wy.gc is not None:
+            call.memo[WY_GATE] = (None, wy.gc)
     st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])
     kern.output[(L.n_chunks, L.H, cdiv(L.V, bv))](
         L.q, L.k, wy.gc if wy.gc is not None else wy.w, st.h, st.vn, o, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
-        BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, **_launch(L, CONFIG["out_warps"]))
+        BK=min(L.BK, CONFIG["out_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None,
+        **_launch(L, CONFIG["out_warps"], CONFIG["out_stages"]))
     return _unflat(L, o), st.ht
 
 
 def final_state(call: Call, h0):
     L = _layout(call)
-    wy = _wy(call, L, "forward", keep=True, store_u=True, store_t=False)
+    wy = _forward_wy(call, L, keep=True)
     return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
 
 
@@ -344,7 +380,7 @@ def final_state_and_transition(call: Call, h0):
     transition (what the segmented state pass computes anyway), then composed in order in fp32,
     S <- M_s S + F_s and M <- M_s M. Saves the second full pass that M alone would cost."""
     L = _layout(call)
-    wy = _wy(call, L, "forward", keep=True, store_u=True, store_t=False)
+    wy = _forward_wy(call, L, keep=True)
     seg_chunks = CONFIG["state_seg_chunks"]
     seg, _, n_seg, _ = _segment_plan(L.bounds, seg_chunks, L.q.device)
     f32 = torch.float32

@@ -646,25 +646,30 @@ def segment_scan(m_ptr, fsum_ptr, rsum_ptr, h0_ptr, start_ptr, ht_ptr, dht_ptr, 
 def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
            cu_ptr, idx_ptr, T, NT, H, K, V,
            BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
+    """O = scale (diag(exp(g)) Q S + (Q K^T * D)_{causal} Vn), the K-contractions in slices of BK
+    (a pipelined loop: its loads overlap the products)."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     c0 = tl.program_id(2) * BV
     n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
     HK = H * K
     HV = H * V
-    q = _tile(q_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
-    kt = _tile_t(k_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
-    s = _state_tile(h_ptr + (pid * H + ih).to(tl.int64) * K * V, K, V, c0, BK, BV)
+    hs = h_ptr + (pid * H + ih).to(tl.int64) * K * V
+    a = tl.zeros([64, 64], dtype=tl.float32)
+    o = tl.zeros([64, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q = _tile(q_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
+        a += tl.dot(q, _tile_t(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK), input_precision=DOT)
+        o += tl.dot(q, _state_tile(hs + k0 * V, K - k0, V, c0, BK, BV), input_precision=DOT)
     vn = _tile(vn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
     o_i = tl.arange(0, 64)
     causal = o_i[:, None] >= o_i[None, :]
-    a = tl.dot(q, kt, input_precision=DOT)
     if USE_G:
         g = _vec(gc_ptr + ih, t0, eos, H, 64)
         a = a * _ratio(g[:, None] - g[None, :], causal)
-        q = (q * tl.exp(g)[:, None]).to(kt.dtype)
-    a = tl.where(causal, a, 0.0).to(kt.dtype)
-    o = (tl.dot(q, s, input_precision=DOT) + tl.dot(a, vn, input_precision=DOT)) * scale
+        o = o * tl.exp(g)[:, None]
+    a = tl.where(causal, a, 0.0).to(vn.dtype)
+    o = (o + tl.dot(a, vn, input_precision=DOT)) * scale
     _store_tile(o_ptr + ih * V, o, t0, eos, HV, c0, V, 64, BV)
 
 

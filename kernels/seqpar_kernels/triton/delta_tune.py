@@ -26,18 +26,24 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 
 # Each configuration is checked (by one or more workers, each with its own case list) before it
-# is timed. "A" is delta.CONFIG (the defaults, checked and timed in the first GPU run); the others
-# vary launch settings of single kernels so that each setting is verified on its own; B, C and D
-# use the split WY preparation (C and D checked and timed on the H100 in run 8: no faster).
+# is timed. "A" is delta.CONFIG (the defaults); the others vary launch settings so that each is
+# verified on its own. Run 9: E keeps the forward's T for the backward (wy_apply instead of a
+# second solve); F adds bwd_wy at 64 x 64 tiles (no register spill in the sm_90 report, 232 B at
+# 128 x 128); G adds the output pass as a pipelined loop over K slices of 64; H adds wy_apply at 8
+# warps; I is G with the fused preparation (now the forward's only) at 8 warps. (Run 8 measured the split preparation, B-D: no faster; docs/performance.md.)
 CONFIGS = {
     "A": {},
-    "B": {"prep": "split"},
-    "C": {"prep": "split", "solve_warps": 1, "chain_bv": 16, "out_warps": 4},
-    "D": {"prep": "split", "solve_warps": 4, "wy_warps": 4, "dqk_bv": 128},
+    "E": {"keep_t": True},
+    "F": {"keep_t": True, "wy_bk": 64, "wy_bv": 64},
+    "G": {"keep_t": True, "wy_bk": 64, "wy_bv": 64, "out_bk": 64, "out_stages": 3},
+    "H": {"keep_t": True, "wy_bk": 64, "wy_bv": 64, "out_bk": 64, "out_stages": 3, "apply_warps": 8},
+    "I": {"keep_t": True, "wy_bk": 64, "wy_bv": 64, "out_bk": 64, "out_stages": 3, "prep_warps": 8},
 }
-WORKERS = [("A", "core"), ("A", "ext"), ("B", "core"), ("B", "ext"), ("C", "core"), ("D", "core")]
+WORKERS = [("A", "core"), ("A", "ext"), ("E", "core"), ("F", "core"), ("G", "core"), ("G", "ext"),
+           ("H", "core"), ("H", "ext"), ("I", "core")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
 # tiny sizes (checks the script itself before it spends device time). The interpreter must be on
@@ -100,8 +106,9 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     ref = TorchKernel()
     ro, rht = ref.forward(call64, d64(s0))
     rg = ref.backward(call64, d64(s0) if s0 is not None else None, d64(do), d64(g_ht))
-    o, ht = delta.forward(call, s0)
-    gr = delta.backward(call, s0, do, g_ht)
+    trained = replace(call, memo={})  # as under autograd: the forward may keep work for the backward
+    o, ht = delta.forward(trained, s0)
+    gr = delta.backward(trained, s0, do, g_ht)
     got = {"o": (o, ro), "ht": (ht, rht), "dq": (gr.dq, rg.dq), "dk": (gr.dk, rg.dk), "dv": (gr.dv, rg.dv),
            "dbeta": (gr.dbeta, rg.dbeta), "dh0": (gr.dh0, rg.dh0)}
     if g is not None:
@@ -203,6 +210,12 @@ def _fla_fns(variant):
     return (lambda q, k, v, g, beta, scale: chunk_delta_rule(q, k, v, beta, scale=scale)[0]), fla.__version__
 
 
+def _fwdbwd(delta, call, do):
+    """A forward and backward as autograd runs them: on one Call with a memo."""
+    delta.forward(call, None)
+    delta.backward(call, None, do, None)
+
+
 def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "final_state", "state_grad")):
     import torch
 
@@ -216,7 +229,7 @@ def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "f
     res = {}
     fns = {
         "fwd": lambda: delta.forward(call, None),
-        "fwdbwd": lambda: (delta.forward(call, None), delta.backward(call, None, do, None)),
+        "fwdbwd": lambda: _fwdbwd(delta, replace(call, memo={}), do),
         "final_state": lambda: delta.final_state(call, None),
         "state_grad": lambda: delta.state_grad(call, do, None),
     }
@@ -255,13 +268,11 @@ def breakdown(delta, variant, T):
     call = Call(q, k, v, g, beta, D ** -0.5)
     do = torch.randn_like(v)
     for _ in range(2):
-        delta.forward(call, None)
-        delta.backward(call, None, do, None)
+        _fwdbwd(delta, replace(call, memo={}), do)
     _sync()
     with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            delta.forward(call, None)
-            delta.backward(call, None, do, None)
+            _fwdbwd(delta, replace(call, memo={}), do)
         _sync()
     rows = {}
     for e in prof.key_averages():

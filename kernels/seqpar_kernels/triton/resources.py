@@ -1,4 +1,4 @@
-"""Compile the gated kernels for Hopper without a GPU and print what each one costs.
+"""Compile the Triton kernels for Hopper without a GPU and print what each one costs.
 
     python -m seqpar_kernels.triton.resources [--dtype bfloat16] [--K 128] [--V 128] [--H 16]
 
@@ -6,7 +6,8 @@ Runs one forward and one backward of every gated variant on small CPU tensors wi
 launches recorded instead of run, compiles each recorded launch for sm_90 with the installed
 Triton (the GPU machine has 3.6), and prints registers per thread, spill stack, shared memory and
 the matrix instructions in the SASS (HGMMA: Hopper's wgmma; HMMA: the older mma). This is how the
-tiles in gated.TILES were chosen; times still come only from the GPU benchmark.
+tiles in gated.TILES and the launch settings in delta.CONFIG were chosen; times still come only from
+the GPU benchmark.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from ..testing import random_inputs
-from . import check, gated
+from . import check, delta, delta_kernels, gated
 
+# constexprs that tell launches of one kernel apart in the printout
+FLAGS = ("GATE", "USE_G", "FORWARD", "REVERSE", "STORE", "BACKWARD", "DO_DVL", "BK", "BV")
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
           torch.int64: "i64"}
 
@@ -30,7 +33,8 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int) -> list:
     """(kernel, args, options) of every launch of one forward and one backward."""
     launches = []
-    kernels = {name: getattr(gated, name) for name in dir(gated) if name.endswith("_kernel")}
+    host, module = (delta, delta_kernels) if variant in check.DELTA else (gated, gated)
+    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.JITFunction)}
 
     class Recorder:
         def __init__(self, fn):
@@ -44,12 +48,12 @@ def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int) ->
     call = check.make_call(variant, x, None)
     try:
         for name, fn in kernels.items():
-            setattr(gated, name, Recorder(fn))
-        gated.forward(call, x.initial_state)
-        gated.backward(call, x.initial_state, torch.zeros_like(x.v), torch.zeros_like(x.initial_state))
+            setattr(module, name, Recorder(fn))
+        host.forward(call, x.initial_state)
+        host.backward(call, x.initial_state, torch.zeros_like(x.v), torch.zeros_like(x.initial_state))
     finally:
         for name, fn in kernels.items():
-            setattr(gated, name, fn)
+            setattr(module, name, fn)
     return launches
 
 
@@ -99,10 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--H", type=int, default=16)
     args = p.parse_args(argv)
     seen = set()
-    for variant in ("linear_attn", "simple_gla", "gla"):  # one per gate kind; lightning = simple_gla
+    # one per gate kind (lightning = simple_gla)
+    for variant in ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule"):
         for fn, a, kw in record_launches(variant, getattr(torch, args.dtype), args.K, args.V, args.H):
             kernel, constexprs, options = compile_launch(fn, a, kw)
-            flags = {k: v for k, v in constexprs.items() if k in ("GATE", "REVERSE", "STORE", "BACKWARD", "BK", "BV")}
+            flags = {k: v for k, v in constexprs.items() if k in FLAGS}
             key = (fn.__name__, tuple(sorted(flags.items())), tuple(sorted(options.items())))
             if key in seen:
                 continue
