@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 import seqpar_kernels as sk  # noqa: E402
 from seqpar_kernels.explicit import Call, ExplicitKernel, plus_late  # noqa: E402
-from seqpar_kernels.triton import TritonKernel, family, gated  # noqa: E402
+from seqpar_kernels.triton import TritonKernel, delta, family, gated  # noqa: E402
 from seqpar_kernels.triton.check import TOLERANCE, Case, run_case  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
@@ -135,8 +135,10 @@ def test_memo_shares_the_state_pass_with_the_kernel(variant):
         kern.final_state(c, zero)
     assert memo, "the state pass kept nothing for the kernel"
     o2, ht2 = kern.forward(c, zero, lambda: h0)
-    # the forward used what the state pass kept; gla's forward keeps its intra-chunk matrix instead
-    assert list(memo) == ([gated.INTRA] if variant == "gla" else []), "the forward did not use the state pass"
+    # the forward used what the state pass kept, and keeps what its backward reuses
+    kept_for_backward = {"gla": {gated.INTRA}, "delta_rule": {delta.WY_INVERSE},
+                         "gated_delta_rule": {delta.WY_INVERSE, delta.WY_GATE}}.get(variant, set())
+    assert set(memo) == kept_for_backward, "the forward did not use the state pass"
     c = call(memo)
     kern.state_grad(c, do, zero)
     assert memo
@@ -156,7 +158,6 @@ def test_what_the_forward_keeps_is_saved_for_backward(variant, monkeypatch):
     from torch.utils.checkpoint import checkpoint
 
     from seqpar_kernels.testing import random_inputs
-    from seqpar_kernels.triton import delta
 
     monkeypatch.setitem(delta.CONFIG, "keep_t", True)
     x = random_inputs(variant, B=1, T=150, H=2, K=16, V=8, dtype=torch.float32, seed=5)

@@ -58,24 +58,25 @@ CONFIG = {
     "state_stages": 2,
     "scan_bv": 32,
     "prep": "fused",
-    "keep_t": False,
+    "keep_t": True,
     "prep_warps": 4,
     "solve_warps": 2,
     "solve_bk": 64,
     "apply_warps": 4,
     "apply_bk": 128,
-    "out_bk": 128,
+    "out_bk": 64,
     "out_bv": 128,
     "out_warps": 8,
-    "out_stages": 1,
+    "out_stages": 3,
     "dqk_bk": 128,
     "dqk_bv": 64,
     "dqk_warps": 8,
     "dqk_stages": 2,
-    "wy_bk": 128,
-    "wy_bv": 128,
+    "wy_bk": 64,
+    "wy_bv": 64,
     "wy_warps": 8,
     "wy_stages": 2,
+    "wy_mid_in_input_dtype": False,
 }
 
 
@@ -448,6 +449,7 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
         L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
-        IS_VARLEN=L.varlen, USE_G=use_g, **_launch(L, CONFIG["wy_warps"], CONFIG["wy_stages"]))
+        IS_VARLEN=L.varlen, USE_G=use_g, MID_IN_INPUT_DTYPE=CONFIG["wy_mid_in_input_dtype"],
+        **_launch(L, CONFIG["wy_warps"], CONFIG["wy_stages"]))
     return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
                  _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)

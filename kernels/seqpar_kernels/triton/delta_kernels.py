@@ -755,7 +755,7 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
            dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
            cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
            BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
-           IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
+           IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, MID_IN_INPUT_DTYPE: tl.constexpr, DOT: tl.constexpr):
     """With dU = dVn, dW from bwd_dqk:  R = dU (beta V)^T + dW (beta exp(g) K)^T,
     dAkk = -T^T R T^T (strictly lower), dV = beta T^T dU, d(beta exp(g) K) = T^T dW, and dAkk
     into dk, dbeta, dg. dAkk^T = -T R^T T is formed from its own products (no transposes)."""
@@ -789,13 +789,17 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
         kt = _tile_t(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         r += tl.dot(dw, (kt * bg[None, :]).to(dt), input_precision=DOT)
         rt += tl.dot((k * bg[:, None]).to(dt), dwt, input_precision=DOT)
-    tmf = tm.to(tl.float32)
-    tmtf = tmt.to(tl.float32)
     o_i = tl.arange(0, 64)
     lower = o_i[:, None] > o_i[None, :]
     upper = o_i[:, None] < o_i[None, :]
-    y = -tl.dot(tl.dot(tmtf, r, input_precision=DOT), tmtf, input_precision=DOT)  # dAkk
-    yt = -tl.dot(tl.dot(tmf, rt, input_precision=DOT), tmf, input_precision=DOT)  # dAkk^T
+    if MID_IN_INPUT_DTYPE:  # R and T^T R rounded to the input dtype: 16-bit products, fewer registers
+        y = -tl.dot(tl.dot(tmt, r.to(dt), input_precision=DOT).to(dt), tmt, input_precision=DOT)  # dAkk
+        yt = -tl.dot(tl.dot(tm, rt.to(dt), input_precision=DOT).to(dt), tm, input_precision=DOT)  # dAkk^T
+    else:
+        tmf = tm.to(tl.float32)
+        tmtf = tmt.to(tl.float32)
+        y = -tl.dot(tl.dot(tmtf, r, input_precision=DOT), tmtf, input_precision=DOT)  # dAkk
+        yt = -tl.dot(tl.dot(tmf, rt, input_precision=DOT), tmf, input_precision=DOT)  # dAkk^T
     if USE_G:
         y = y * _ratio(g[:, None] - g[None, :], lower)
         yt = yt * _ratio(g[None, :] - g[:, None], upper)

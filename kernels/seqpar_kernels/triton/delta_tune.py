@@ -30,20 +30,16 @@ from dataclasses import replace
 
 # Each configuration is checked (by one or more workers, each with its own case list) before it
 # is timed. "A" is delta.CONFIG (the defaults); the others vary launch settings so that each is
-# verified on its own. Run 9: E keeps the forward's T for the backward (wy_apply instead of a
-# second solve); F adds bwd_wy at 64 x 64 tiles (no register spill in the sm_90 report, 232 B at
-# 128 x 128); G adds the output pass as a pipelined loop over K slices of 64; H adds wy_apply at 8
-# warps; I is G with the fused preparation (now the forward's only) at 8 warps. (Run 8 measured the split preparation, B-D: no faster; docs/performance.md.)
+# verified on its own. J computes bwd_wy's dAkk = -T^T R T^T in the input dtype (fp32
+# accumulation) instead of fp32 operands; K adds a third pipeline stage to bwd_wy. (Run 8
+# measured the split preparation: no faster; run 9 keep_t and the tiles now in CONFIG:
+# docs/performance.md.)
 CONFIGS = {
     "A": {},
-    "E": {"keep_t": True},
-    "F": {"keep_t": True, "wy_bk": 64, "wy_bv": 64},
-    "G": {"keep_t": True, "wy_bk": 64, "wy_bv": 64, "out_bk": 64, "out_stages": 3},
-    "H": {"keep_t": True, "wy_bk": 64, "wy_bv": 64, "out_bk": 64, "out_stages": 3, "apply_warps": 8},
-    "I": {"keep_t": True, "wy_bk": 64, "wy_bv": 64, "out_bk": 64, "out_stages": 3, "prep_warps": 8},
+    "J": {"wy_mid_in_input_dtype": True},
+    "K": {"wy_mid_in_input_dtype": True, "wy_stages": 3},
 }
-WORKERS = [("A", "core"), ("A", "ext"), ("E", "core"), ("F", "core"), ("G", "core"), ("G", "ext"),
-           ("H", "core"), ("H", "ext"), ("I", "core")]
+WORKERS = [("A", "core"), ("J", "core"), ("J", "ext"), ("K", "core")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
 # tiny sizes (checks the script itself before it spends device time). The interpreter must be on
