@@ -75,8 +75,8 @@ CONFIG = {
     "wy_bk": 64,
     "wy_bv": 64,
     "wy_warps": 8,
-    "wy_stages": 2,
-    "wy_mid_in_input_dtype": False,
+    "wy_stages": 3,
+    "wy_mid_in_input_dtype": True,
 }
 
 
