@@ -164,19 +164,22 @@ def memo_handover(rank, P):
         leaves = {n: sp.shard(t, None, "zigzag").requires_grad_() for n, t in x.tensors().items()}
         o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
                                    beta=leaves.get("beta"), layout="zigzag", backend="triton")
-        before = sorted(o.grad_fn.memo)
+        # saved for the backward (through save_for_backward), left in the memo, left after the backward
+        saved, left = sorted(o.grad_fn.memo_keys), sorted(o.grad_fn.memo)
         o.sum().backward()
-        kept[variant] = (before, sorted(o.grad_fn.memo))
+        kept[variant] = (saved, left, sorted(o.grad_fn.memo))
     return kept
 
 
 def test_sp_backward_takes_what_the_forward_kept():
-    """gla's forward keeps its intra-chunk matrix for the backward (as outside SP), which uses it
-    up; nothing else outlives the forward (it would hold memory until the backward)."""
-    from seqpar_kernels.triton import gated
+    """gla's forward keeps its intra-chunk matrix for the backward, the delta rules their WY inverse
+    and gate (as outside SP), all as saved tensors, and the backward uses them up; nothing else
+    outlives the forward (it would hold memory until the backward)."""
+    from seqpar_kernels.triton import delta, gated
 
     for kept in run_ranks(memo_handover, 2, timeout=600):
-        assert kept == {"gla": ([gated.INTRA], []), "gated_delta_rule": ([], [])}, kept
+        assert kept == {"gla": ([gated.INTRA], [], []),
+                        "gated_delta_rule": (sorted([delta.WY_GATE, delta.WY_INVERSE]), [], [])}, kept
 
 
 def first_and_last_transitions(rank, P):

@@ -127,14 +127,20 @@ def test_state_passes(variant, segments):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_split_preparation(variant, monkeypatch):
-    """The alternative WY preparation (wy_solve + wy_apply) gives the same results: packed
-    documents, head dims not powers of two, h0 and dht."""
-    monkeypatch.setitem(delta.CONFIG, "prep", "split")
+@pytest.mark.parametrize("settings", [
+    {"prep": "split"},  # the alternative WY preparation: wy_solve + wy_apply
+    {"wy_mid_in_input_dtype": False, "dk_part_fp32": True},  # the fp32 intermediates of bwd_wy
+], ids=["split-preparation", "fp32-wy-backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_alternative_settings(variant, settings, dtype, monkeypatch):
+    """Launch settings other than the defaults give the same results: packed documents, head dims
+    not powers of two, h0 and dht."""
+    for key, value in settings.items():
+        monkeypatch.setitem(delta.CONFIG, key, value)
     cu = torch.tensor([0, 1, 65, 130, 149])
     x = random_inputs(variant, B=1, T=149, H=2, K=20, V=12, n_states=4, seed=17)
-    got, want = _run(variant, x, torch.float32, True, True, cu_seqlens=cu)
-    _check(got, want, TOL[torch.float32], f"{variant} split preparation")
+    got, want = _run(variant, x, dtype, True, True, cu_seqlens=cu)
+    _check(got, want, TOL[dtype], f"{variant} {settings} {dtype}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

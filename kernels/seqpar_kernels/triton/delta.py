@@ -47,7 +47,11 @@ MAX_HEAD_DIM = 256
 # H100 (run 8: 3.0 ms for two calls against wy_prep's 2.6), so "fused" (wy_prep) is the default.
 # keep_t: a forward under autograd stores T (64 values per token and head in the input dtype, as fla
 # keeps its A) and leaves it with the cumulative gate for the backward, whose WY preparation is
-# then wy_apply alone, without the solve.
+# then wy_apply alone, without the solve. Run 9 (H100, each step checked, then timed): keep_t,
+# bwd_wy at 64 x 64 tiles and 3 stages with dAkk's products in the input dtype (as fla's), the
+# output pass as a pipelined loop over K slices and dk's bwd_dqk part in the input dtype took
+# forward+backward at 64K from 12.10 to 10.76 ms; 32-wide bwd_wy tiles, a 4th stage, 8-warp wy_apply
+# or wy_prep were slower.
 CONFIG = {
     "seg_chunks": 0,  # forward / backward: segments of this many chunks (0: whole documents)
     "chain_bv": 32,
@@ -72,11 +76,12 @@ CONFIG = {
     "dqk_bv": 64,
     "dqk_warps": 8,
     "dqk_stages": 2,
+    "dk_part_fp32": False,  # bwd_dqk's part of dk, read by bwd_wy: fp32, or the input dtype
     "wy_bk": 64,
     "wy_bv": 64,
     "wy_warps": 8,
     "wy_stages": 3,
-    "wy_mid_in_input_dtype": True,
+    "wy_mid_in_input_dtype": True,  # dAkk = -T^T R T^T from R rounded to the input dtype (fp32 inputs: fp32)
 }
 
 
@@ -230,23 +235,23 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
     return _WY(gc, w, u, t, dvl)
 
 
-def _wy(call: Call, L: _Layout, key: str, *, keep: bool, tag=None, **prep) -> _WY:
-    """_prep(L, **prep), shared through call.memo: the WY preparation does not depend on the start
-    state, so a state pass (keep=True) and the kernel after it on the same Call compute it once.
-    The backward's starts from the forward's T where the forward kept it (keep_t)."""
-    def build():
-        kept = None
-        if key == "backward":
-            t = reuse(call.memo, WY_INVERSE, None, False, lambda: None)
-            kept = (t, reuse(call.memo, WY_GATE, None, False, lambda: None)) if t is not None else None
-        return _prep(L, kept=kept, **prep)
-    return reuse(call.memo, key, tag, keep, build)
-
+# The WY preparation does not depend on the start state, so a state pass (keep=True) and the kernel
+# after it on the same Call compute it once, shared through call.memo.
 
 def _forward_wy(call: Call, L: _Layout, *, keep: bool) -> _WY:
     """The forward's WY preparation (final_state's, kept for the forward after it); it stores T
     when the backward is to start from it (keep_t, under autograd: a Call with a memo)."""
-    return _wy(call, L, "forward", keep=keep, store_u=True, store_t=_keeps_t(call))
+    return reuse(call.memo, "forward", None, keep, lambda: _prep(L, store_u=True, store_t=_keeps_t(call)))
+
+
+def _backward_wy(call: Call, L: _Layout, do_in, do, *, keep: bool, store: bool) -> _WY:
+    """The backward's WY preparation for the gradient `do_in` (state_grad's, kept for the backward
+    after it), from the T the forward kept where it did; store: U and T too (the full backward)."""
+    def build():
+        t = reuse(call.memo, WY_INVERSE, None, False, lambda: None)
+        kept = (t, reuse(call.memo, WY_GATE, None, False, lambda: None)) if t is not None else None
+        return _prep(L, store_u=store, store_t=store, do=do, kept=kept)
+    return reuse(call.memo, "backward", do_in, keep, build)
 
 
 def _keeps_t(call: Call) -> bool:
@@ -417,14 +422,14 @@ def state_grad(call: Call, do, dht):
     L = _layout(call)
     do_in, do = do, do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
     full = call.memo is not None  # then the preparation is the backward's, kept for it
-    wy = _wy(call, L, "backward", keep=True, tag=do_in, store_u=full, store_t=full, do=do)
+    wy = _backward_wy(call, L, do_in, do, keep=True, store=full)
     return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
 
 
 def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     L = _layout(call)
     do_in, do = do, do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
-    wy = _wy(call, L, "backward", keep=False, tag=do_in, store_u=True, store_t=True, do=do)
+    wy = _backward_wy(call, L, do_in, do, keep=False, store=True)
     st = _chains(L, wy, forward=True, reverse=True, store=True, h0=h0, do=do, dht=plus_late(dht, dht_late))
     h, vn, dh, dvn = st.h, st.vn, st.dh, st.dvn
     use_g = L.g is not None
@@ -433,7 +438,7 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     bk = min(L.BK, CONFIG["dqk_bk"])
     nk = cdiv(L.K, bk)
     dq = L.new(L.rows, L.H, L.K)
-    dk_part = L.new(L.rows, L.H, L.K, dtype=f32)
+    dk_part = L.new(L.rows, L.H, L.K, dtype=f32 if CONFIG["dk_part_fp32"] else None)
     dw = L.new(L.rows, L.H, L.K)
     dg_part = L.new(nk, L.rows, L.H, dtype=f32) if use_g else dw
     kern.bwd_dqk[(L.n_chunks, L.H, nk)](

@@ -7,7 +7,9 @@ Per chunk of C = 64 tokens (cumulative in-chunk log gate g, gl = g at the chunk'
     O  = scale (diag(exp(g)) Q S + (Q K^T * exp(g_i - g_j))_{j<=i} Vn)
     S' = exp(gl) S + (diag(exp(gl - g)) K)^T Vn
 
-Kernels: `wy_prep` (gates, T, W, U; for the backward also the local dVn term), `state_pass`
+Kernels: `wy_prep` (gates, T, W, U; without a stored T also the backward's local dVn term),
+`wy_apply` (W, U and the local dVn term from the T the forward stored; `wy_solve` + `wy_apply` are
+the split alternative to wy_prep), `state_pass`
 (the only sequential one: the forward state chain and/or the reverse gradient chain; the two are
 independent, so the backward runs both in one launch), `output`, `bwd_dqk` (dq, dk, dW, dg from
 the chain's states) and `bwd_wy` (through T to dk, dv, dbeta, dg).

@@ -30,16 +30,14 @@ from dataclasses import replace
 
 # Each configuration is checked (by one or more workers, each with its own case list) before it
 # is timed. "A" is delta.CONFIG (the defaults); the others vary launch settings so that each is
-# verified on its own. J computes bwd_wy's dAkk = -T^T R T^T in the input dtype (fp32
-# accumulation) instead of fp32 operands; K adds a third pipeline stage to bwd_wy. (Run 8
-# measured the split preparation: no faster; run 9 keep_t and the tiles now in CONFIG:
-# docs/performance.md.)
+# verified on its own. Add the settings to try here; those of runs 8 and 9 and their times are in
+# docs/performance.md ("Delta-rule kernels") and the JSON beside it.
 CONFIGS = {
     "A": {},
-    "J": {"wy_mid_in_input_dtype": True},
-    "K": {"wy_mid_in_input_dtype": True, "wy_stages": 3},
+    "B": {"prep": "split"},
+    "C": {"wy_bv": 32},
 }
-WORKERS = [("A", "core"), ("J", "core"), ("J", "ext"), ("K", "core")]
+WORKERS = [("A", "core"), ("A", "ext"), ("B", "core"), ("C", "core")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
 # tiny sizes (checks the script itself before it spends device time). The interpreter must be on
@@ -238,10 +236,10 @@ def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "f
             with torch.no_grad():
                 res["fla_fwd"] = _bench(lambda: fn(q, k, v, g, beta, scale))
             xs = [t.detach().clone().requires_grad_() if t is not None else None for t in (q, k, v, g, beta)]
+            leaves = [t for t in xs if t is not None]
 
-            def fb():
-                o = fn(*xs, scale)
-                o.backward(do)
+            def fb():  # gradients returned, not accumulated into .grad (ours are not accumulated either)
+                torch.autograd.grad(fn(*xs, scale), leaves, do)
 
             res["fla_fwdbwd"] = _bench(fb)
             del xs

@@ -2,12 +2,13 @@
 
     python -m seqpar_kernels.triton.resources [--dtype bfloat16] [--K 128] [--V 128] [--H 16]
 
-Runs one forward and one backward of every gated variant on small CPU tensors with the kernel
-launches recorded instead of run, compiles each recorded launch for sm_90 with the installed
-Triton (the GPU machine has 3.6), and prints registers per thread, spill stack, shared memory and
+Runs one forward and one backward of one variant per gate kind (and of both delta rules) on small
+CPU tensors with the kernel launches recorded instead of run, compiles each recorded launch for
+sm_90 with the installed Triton, and prints registers per thread, spill stack, shared memory and
 the matrix instructions in the SASS (HGMMA: Hopper's wgmma; HMMA: the older mma). This is how the
 tiles in gated.TILES and the launch settings in delta.CONFIG were chosen; times still come only from
-the GPU benchmark.
+the GPU benchmark. Compile with the GPU machine's Triton (3.6): newer ones allocate registers
+differently (e.g. `pip install --no-deps --target DIR triton==3.6.0`, DIR first on PYTHONPATH).
 """
 from __future__ import annotations
 
