@@ -11,7 +11,8 @@ pytest.importorskip("megatron.core")
 
 from megatron.core import parallel_state  # noqa: E402
 
-from seqpar.megatron.model import build_gpt_model, initialize_model_parallel, transformer_config  # noqa: E402
+from seqpar.megatron.model import (build_gpt_model, initialize_model_parallel, recompute_options,  # noqa: E402
+                                   transformer_config)
 from seqpar.megatron.parity import check_parity  # noqa: E402
 from seqpar.models import ModelConfig  # noqa: E402
 from seqpar.parallel import ParallelContext  # noqa: E402
@@ -57,3 +58,15 @@ def megatron_cases(rank, world):
 
 def test_megatron_tp2_cp2_matches_plain_model():
     assert all(n > 0 for n in run_ranks(megatron_cases, TP * CP))
+
+
+def test_checkpointing_maps_to_megatron_recompute():
+    """train.checkpointing: full recomputes every layer under the Megatron engine too (Megatron's
+    full granularity, one layer per checkpoint); its parity on GPUs is in seqpar.megatron.gpu_check
+    (Megatron's recompute needs the CUDA RNG tracker)."""
+    cfg = config("LS", "gla")
+    full = transformer_config(cfg, **recompute_options("full"))
+    assert (full.recompute_granularity, full.recompute_method, full.recompute_num_layers) == ("full", "uniform", 1)
+    assert transformer_config(cfg, **recompute_options("none")).recompute_granularity is None
+    with pytest.raises(ValueError, match="use none or full"):
+        recompute_options("offload")

@@ -2,7 +2,8 @@
 
 1. parity with the plain model (float64, exact torch kernels) at TP=2, at PP=2 (through Megatron's
    1F1B schedule) and at CP=2, for a hybrid and a pure-linear pattern, both layouts, with and
-   without packed documents: loss and every gradient;
+   without packed documents, and once per layout with every layer recomputed in backward
+   (train.checkpointing: full): loss and every gradient;
 2. training steps with Megatron's DDP, optimizer and pipeline schedule at PP=2 (2 micro-batches,
    the GPU kernels): the loss must stay finite and fall on a repeated batch.
 
@@ -47,7 +48,7 @@ def run_parity(device, report, only=tuple(n for n, _, _ in PARITY_LAYOUTS)) -> b
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from seqpar.megatron.model import initialize_model_parallel
+    from seqpar.megatron.model import initialize_model_parallel, recompute_options
     from seqpar.megatron.parity import check_parity
     from seqpar.parallel import ParallelContext
 
@@ -59,22 +60,25 @@ def run_parity(device, report, only=tuple(n for n, _, _ in PARITY_LAYOUTS)) -> b
             continue
         initialize_model_parallel(parity_model("LLLS", "gla"), seq_len=T, layout="zigzag", **sizes)
         model_parallel_cuda_manual_seed(1234)
-        for pattern, variant in (("LLLS", "gated_delta_rule"), ("L", "gla")):
-            for layout in ("zigzag", "contiguous"):
-                for packed in (False, True):
-                    ids, labels, cu = tokens(T, 64, packed, seed=len(report["parity"]), device=device)
-                    t0 = time.perf_counter()
-                    errors = check_parity(parity_model(pattern, variant), ids, labels, cu, layout=layout, alone=alone,
-                                          seed=7, schedule=schedule)
-                    worst = _max_over_ranks(max(errors.values()))
-                    passed = worst < TOL and len(errors) > 5
-                    ok &= passed
-                    case = dict(parallel=name, pattern=pattern, linear_variant=variant, layout=layout, packed=packed,
-                                schedule=schedule, max_rel_err=worst, tensors_compared=len(errors), passed=passed,
-                                seconds=round(time.perf_counter() - t0, 3))
-                    report["parity"].append(case)
-                    _say(f"{'PASS' if passed else 'FAIL'} parity {name} {pattern}/{variant} {layout} "
-                         f"{'packed' if packed else 'B=2'}: max rel err {worst:.2e} over {len(errors)} tensors")
+        cases = [(pattern, variant, layout, packed, "none") for pattern, variant in (("LLLS", "gated_delta_rule"),
+                                                                                     ("L", "gla"))
+                 for layout in ("zigzag", "contiguous") for packed in (False, True)]
+        for pattern, variant, layout, packed, checkpointing in cases + [("LLLS", "gated_delta_rule", "zigzag", True,
+                                                                         "full")]:
+            ids, labels, cu = tokens(T, 64, packed, seed=len(report["parity"]), device=device)
+            t0 = time.perf_counter()
+            errors = check_parity(parity_model(pattern, variant), ids, labels, cu, layout=layout, alone=alone,
+                                  seed=7, schedule=schedule, **recompute_options(checkpointing))
+            worst = _max_over_ranks(max(errors.values()))
+            passed = worst < TOL and len(errors) > 5
+            ok &= passed
+            case = dict(parallel=name, pattern=pattern, linear_variant=variant, layout=layout, packed=packed,
+                        checkpointing=checkpointing, schedule=schedule, max_rel_err=worst,
+                        tensors_compared=len(errors), passed=passed, seconds=round(time.perf_counter() - t0, 3))
+            report["parity"].append(case)
+            _say(f"{'PASS' if passed else 'FAIL'} parity {name} {pattern}/{variant} {layout} "
+                 f"{'packed' if packed else 'B=2'}{' recomputed' if checkpointing != 'none' else ''}: "
+                 f"max rel err {worst:.2e} over {len(errors)} tensors")
         parallel_state.destroy_model_parallel()
     return ok
 

@@ -42,6 +42,16 @@ def transformer_config(model: ModelConfig, *, tp: int = 1, pp: int = 1, cp: int 
     return TransformerConfig(**fields)
 
 
+def recompute_options(checkpointing: str) -> dict:
+    """TransformerConfig fields for seqpar's train.checkpointing: "full" recomputes every layer in
+    backward (Megatron's full granularity, one layer per checkpoint), as seqpar's own blocks do."""
+    if checkpointing == "none":
+        return {}
+    if checkpointing == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    raise ValueError(f"train.checkpointing: {checkpointing} has no Megatron counterpart here; use none or full")
+
+
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     """Megatron-LM's padding of the vocabulary (--make-vocab-size-divisible-by, times TP)."""
     step = multiple * tp

@@ -35,14 +35,14 @@ def plain_reference(model: ModelConfig, ids, labels, cu, seed: int, alone: Paral
 
 
 def check_parity(model: ModelConfig, ids, labels, cu=None, *, layout: str, alone: ParallelContext, seed: int = 0,
-                 backend: str = "torch", schedule: bool = False) -> dict:
+                 backend: str = "torch", schedule: bool = False, **config_overrides) -> dict:
     """Errors (relative, per tensor) of the Megatron build against the plain model; call on every
     rank after initialize_model_parallel. schedule: run through Megatron's forward-backward schedule
-    (needs CUDA; required for PP > 1)."""
+    (needs CUDA; required for PP > 1). config_overrides: TransformerConfig fields (e.g. recompute)."""
     plain, loss_ref, grads_ref = plain_reference(model, ids, labels, cu, seed, alone)
     tp_group, cp_group = parallel_state.get_tensor_model_parallel_group(), parallel_state.get_context_parallel_group()
     config = transformer_config(model, tp=tp_group.size(), pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                                cp=cp_group.size(), dtype=torch.float64)
+                                cp=cp_group.size(), dtype=torch.float64, **config_overrides)
     gpt = build_gpt_model(model, config, layout=layout, backend=backend).to(device=ids.device, dtype=torch.float64)
     load_plain_state(gpt, plain.state_dict(), tp_group)
     batch = {"input_ids": sp.shard(ids, cp_group, layout), "labels": sp.shard(labels, cp_group, layout),

@@ -30,7 +30,7 @@ class MegatronEngine:
 
         from seqpar.megatron.convert import load_plain_state
         from seqpar.megatron.model import (build_gpt_model, initialize_model_parallel, parallel_context,
-                                           transformer_config)
+                                           recompute_options, transformer_config)
         from seqpar.megatron.train_step import wrap_for_training
         from seqpar.models import HybridLM
 
@@ -42,7 +42,8 @@ class MegatronEngine:
                        zeco_slices=p.zeco_slices, backend=p.backend)
         self.parallel = parallel_context(**options)
         dtype = torch.float32 if t.precision == "fp32" else torch.bfloat16  # Megatron's mixed precision
-        tconfig = transformer_config(m, tp=p.tp, pp=p.pp, cp=p.sp, dtype=dtype, calculate_per_token_loss=True)
+        tconfig = transformer_config(m, tp=p.tp, pp=p.pp, cp=p.sp, dtype=dtype, calculate_per_token_loss=True,
+                                     **recompute_options(t.checkpointing))
         gpt = build_gpt_model(m, tconfig, **options)
         torch.manual_seed(t.seed)
         load_plain_state(gpt, HybridLM(m).state_dict(), self.parallel.tp_group)  # the native engine's weights
