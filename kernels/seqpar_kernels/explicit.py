@@ -20,7 +20,7 @@ then, so the exchange overlaps that work. The default resolves it at once.
 runs a state pass and then the kernel on the same Call, and the h0-independent part of the state
 pass (the Triton kernels' segment-local states, the delta rules' WY preparation) is what the
 kernel would compute again; a backend may keep it there for the next entry point. What a forward
-leaves there for its backward (tensors under a tag of None) goes through save_for_backward
+leaves there for its backward (hand_over, take) goes through save_for_backward
 (save_with_memo / saved_with_memo), so activation checkpointing and offloading treat it as they
 treat every other saved activation.
 Arguments are already checked and normalised (variants.normalize_inputs); h0 / dht may be None.
@@ -128,6 +128,18 @@ def reuse(memo: dict | None, key, tag, keep: bool, compute):
     if keep and memo is not None:
         memo[key] = (tag, out)
     return out
+
+
+def take(memo: dict | None, key, tag=None):
+    """What an earlier entry point kept in the memo under `key` (with `tag`), used up; else None."""
+    return reuse(memo, key, tag, False, lambda: None)
+
+
+def hand_over(memo: dict | None, key, x: torch.Tensor) -> None:
+    """Leave x for the backward on the same Call (taken there with take(memo, key)); the autograd
+    functions carry it through save_for_backward (save_with_memo)."""
+    if memo is not None:
+        memo[key] = (None, x)
 
 
 def save_with_memo(ctx, memo: dict | None, *tensors) -> None:

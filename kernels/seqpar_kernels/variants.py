@@ -138,8 +138,7 @@ def normalize_inputs(variant: Variant, q, k, v, g, beta, scale, initial_state, c
 
     if variant.gate == "head":
         if g is None:
-            g = lightning_decay(H, device=q.device,
-                                dtype=wide_dtype(q.dtype))
+            g = lightning_decay(H, device=q.device, dtype=wide_dtype(q.dtype))
         if g.shape != (H,):
             _fail(name, f"g must be the per-head log decay of shape [H] = [{H}]; got {tuple(g.shape)}")
         g = g.to(device=q.device).view(1, 1, H).expand(B, T, H)

@@ -60,11 +60,11 @@ def run_parity(device, report, only=tuple(n for n, _, _ in PARITY_LAYOUTS)) -> b
             continue
         initialize_model_parallel(parity_model("LLLS", "gla"), seq_len=T, layout="zigzag", **sizes)
         model_parallel_cuda_manual_seed(1234)
-        cases = [(pattern, variant, layout, packed, "none") for pattern, variant in (("LLLS", "gated_delta_rule"),
-                                                                                     ("L", "gla"))
-                 for layout in ("zigzag", "contiguous") for packed in (False, True)]
-        for pattern, variant, layout, packed, checkpointing in cases + [("LLLS", "gated_delta_rule", "zigzag", True,
-                                                                         "full")]:
+        models = (("LLLS", "gated_delta_rule"), ("L", "gla"))
+        cases = [(*m, layout, packed, "none") for m in models for layout in ("zigzag", "contiguous")
+                 for packed in (False, True)]
+        cases.append(("LLLS", "gated_delta_rule", "zigzag", True, "full"))  # every layer recomputed
+        for pattern, variant, layout, packed, checkpointing in cases:
             ids, labels, cu = tokens(T, 64, packed, seed=len(report["parity"]), device=device)
             t0 = time.perf_counter()
             errors = check_parity(parity_model(pattern, variant), ids, labels, cu, layout=layout, alone=alone,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..explicit import Call, Grads, plus_late, reuse
+from ..explicit import Call, Grads, hand_over, plus_late, reuse, take
 from ..variants import InputError
 from . import delta_kernels as kern
 from ._plan import cdiv, dot_precision, next_power_of_2
@@ -248,9 +248,8 @@ def _backward_wy(call: Call, L: _Layout, do_in, do, *, keep: bool, store: bool) 
     """The backward's WY preparation for the gradient `do_in` (state_grad's, kept for the backward
     after it), from the T the forward kept where it did; store: U and T too (the full backward)."""
     def build():
-        t = reuse(call.memo, WY_INVERSE, None, False, lambda: None)
-        kept = (t, reuse(call.memo, WY_GATE, None, False, lambda: None)) if t is not None else None
-        return _prep(L, store_u=store, store_t=store, do=do, kept=kept)
+        t, gc = take(call.memo, WY_INVERSE), take(call.memo, WY_GATE)
+        return _prep(L, store_u=store, store_t=store, do=do, kept=(t, gc) if t is not None else None)
     return reuse(call.memo, "backward", do_in, keep, build)
 
 
@@ -361,9 +360,9 @@ def forward(call: Call, h0, h0_late=None):
     L = _layout(call)
     wy = _forward_wy(call, L, keep=False)
     if _keeps_t(call):
-        call.memo[WY_INVERSE] = (None, wy.t)
+        hand_over(call.memo, WY_INVERSE, wy.t)
         if wy.gc is not None:
-            call.memo[WY_GATE] = (None, wy.gc)
+            hand_over(call.memo, WY_GATE, wy.gc)
     st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])

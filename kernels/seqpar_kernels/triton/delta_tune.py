@@ -99,9 +99,7 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     ref = TorchKernel()
     ro, rht = ref.forward(call64, d64(s0))
     rg = ref.backward(call64, d64(s0) if s0 is not None else None, d64(do), d64(g_ht))
-    trained = replace(call, memo={})  # as under autograd: the forward may keep work for the backward
-    o, ht = delta.forward(trained, s0)
-    gr = delta.backward(trained, s0, do, g_ht)
+    o, ht, gr = _fwdbwd(delta, call, do, s0, g_ht)
     got = {"o": (o, ro), "ht": (ht, rht), "dq": (gr.dq, rg.dq), "dk": (gr.dk, rg.dk), "dv": (gr.dv, rg.dv),
            "dbeta": (gr.dbeta, rg.dbeta), "dh0": (gr.dh0, rg.dh0)}
     if g is not None:
@@ -203,10 +201,12 @@ def _fla_fns(variant):
     return (lambda q, k, v, g, beta, scale: chunk_delta_rule(q, k, v, beta, scale=scale)[0]), fla.__version__
 
 
-def _fwdbwd(delta, call, do):
-    """A forward and backward as autograd runs them: on one Call with a memo."""
-    delta.forward(call, None)
-    delta.backward(call, None, do, None)
+def _fwdbwd(delta, call, do, h0=None, dht=None):
+    """(o, ht, grads) of a forward and backward as autograd runs them: on one Call with a memo, so
+    the backward takes what the forward kept."""
+    call = replace(call, memo={})
+    o, ht = delta.forward(call, h0)
+    return o, ht, delta.backward(call, h0, do, dht)
 
 
 def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "final_state", "state_grad")):
@@ -222,7 +222,7 @@ def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "f
     res = {}
     fns = {
         "fwd": lambda: delta.forward(call, None),
-        "fwdbwd": lambda: _fwdbwd(delta, replace(call, memo={}), do),
+        "fwdbwd": lambda: _fwdbwd(delta, call, do),
         "final_state": lambda: delta.final_state(call, None),
         "state_grad": lambda: delta.state_grad(call, do, None),
     }
@@ -261,11 +261,11 @@ def breakdown(delta, variant, T):
     call = Call(q, k, v, g, beta, D ** -0.5)
     do = torch.randn_like(v)
     for _ in range(2):
-        _fwdbwd(delta, replace(call, memo={}), do)
+        _fwdbwd(delta, call, do)
     _sync()
     with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            _fwdbwd(delta, replace(call, memo={}), do)
+            _fwdbwd(delta, call, do)
         _sync()
     rows = {}
     for e in prof.key_averages():

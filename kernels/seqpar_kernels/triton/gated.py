@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..explicit import Call, Grads, plus_late, reuse
+from ..explicit import Call, Grads, hand_over, plus_late, reuse, take
 from ._plan import Plan, cdiv, default_segment_chunks, dot_precision, make_plan, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # gates become log2 decays: exp2 is the fast exponential
@@ -779,7 +779,9 @@ def forward(call: Call, h0, h0_late=None, *, segment_chunks: int | None = None):
     st = _Setup(call, segment_chunks)
     states, cdec, seg_state, seg_dec = _segment_states(st, call, "forward", st.k, st.v, reverse=False, keep=False)
     seg_in, ht = st.scan(seg_state, seg_dec, plus_late(h0, h0_late), reverse=False, store_in=True)
-    A = reuse(call.memo, INTRA, None, True, st.intra) if st.gate == 2 else None  # kept for the backward
+    A = st.intra() if st.gate == 2 else None
+    if A is not None:
+        hand_over(call.memo, INTRA, A)  # the backward needs it too
     return st.apply(st.q, st.k, st.v, states, cdec, seg_in, reverse=False, A=A), ht
 
 
@@ -816,7 +818,7 @@ def backward(call: Call, h0, do, dht, dht_late=None, *, segment_chunks: int | No
     nk = cdiv(K, bk)
     dq, dk = torch.empty_like(st.q), torch.empty_like(st.k)
     if st.gate == 2:
-        A, dA, G = st.intra(do, A=reuse(call.memo, INTRA, None, False, lambda: None))  # None: formed again
+        A, dA, G = st.intra(do, A=take(call.memo, INTRA))  # None: formed again
     else:
         A, dA, G = None, st.q, st.q
     if st.gate == 1:
