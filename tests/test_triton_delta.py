@@ -128,9 +128,9 @@ def test_state_passes(variant, segments):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("settings", [
-    {"prep": "split"},  # the alternative WY preparation: wy_solve + wy_apply
     {"wy_mid_in_input_dtype": False, "dk_part_fp32": True},  # the fp32 intermediates of bwd_wy
-], ids=["split-preparation", "fp32-wy-backward"])
+    {"chain_gate_results": False},  # the chains' gates on the loaded tiles (as at K > 128)
+], ids=["fp32-wy-backward", "gated-tiles-in-chains"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_alternative_settings(variant, settings, dtype, monkeypatch):
     """Launch settings other than the defaults give the same results: packed documents, head dims

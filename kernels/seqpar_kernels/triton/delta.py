@@ -40,32 +40,31 @@ MAX_HEAD_DIM = 256
 # into segments: each segment's zero-start state and dense transition come from one parallel pass,
 # a short fp32 scan over segments gives every segment its start state, and (forward / backward
 # only) a second parallel pass recomputes the per-chunk states. That triples the chain work, so it
-# pays only where no per-chunk states are needed: final_state / state_grad (state_*). The parallel
-# kernels use 8 warps for their 64 x 128 fp32 accumulators; bwd_wy must stay at 8: fla saw wrong
-# dk/dbeta from a 64-token WY backward with 4 warps on Hopper with triton 3.6 (fla issue 984).
-# prep "split" (wy_solve with few warps + wy_apply) passes the GPU check too but was no faster on the
-# H100 (run 8: 3.0 ms for two calls against wy_prep's 2.6), so "fused" (wy_prep) is the default.
-# keep_t: a forward under autograd stores T (64 values per token and head in the input dtype, as fla
-# keeps its A) and leaves it with the cumulative gate for the backward, whose WY preparation is
-# then wy_apply alone, without the solve. Run 9 (H100, each step checked, then timed): keep_t,
-# bwd_wy at 64 x 64 tiles and 3 stages with dAkk's products in the input dtype (as fla's), the
-# output pass as a pipelined loop over K slices and dk's bwd_dqk part in the input dtype took
-# forward+backward at 64K from 12.10 to 10.76 ms; 32-wide bwd_wy tiles, a 4th stage, 8-warp wy_apply
-# or wy_prep were slower.
+# pays only where no per-chunk states are needed: final_state / state_grad (state_*).
+# keep_t: a forward under autograd leaves T (64 values per token and head in the input dtype, as fla
+# keeps its A) and the cumulative gate for the backward, whose WY preparation is then wy_apply alone.
+# Run 9 (H100): keep_t, bwd_wy at 64 x 64 tiles and 3 stages with dAkk's products in the input dtype
+# (as fla's), the output pass as a pipelined loop over K slices and dk's bwd_dqk part in the input
+# dtype: forward+backward at 64K from 12.10 to 10.76 ms. Run 10: the chains' gates on product results
+# (the loaded K / Q tiles go to the products unchanged; 4.46 -> 2.90 ms for the two chain launches;
+# at K > 128 that chain hit an illegal memory access, as the ungated one does, so it keeps the gated
+# tiles there), bwd_wy reading dAkk^T back from a scratch tile at 4 warps (1.76 -> 1.04 ms; fla saw
+# wrong gradients from its own 4-warp WY backward on Hopper, fla issue 984, which transposes a
+# product: ours does not, and passes every check), the preparation as solve then apply in one
+# program (1.26 -> 1.10 ms) and the forward's chain in 16-wide V blocks: 10.76 -> 8.0 ms.
 CONFIG = {
     "seg_chunks": 0,  # forward / backward: segments of this many chunks (0: whole documents)
-    "chain_bv": 32,
+    "chain_bv": 32,  # the backward's chains (forward and reverse side by side)
+    "forward_chain_bv": 16,  # the forward pass's chain alone
     "chain_warps": 4,
     "chain_stages": 3,
+    "chain_gate_results": True,  # gates scale the chains' product results, not loaded K / Q (K <= 128)
     "state_seg_chunks": 64,  # final_state / state_grad
     "state_bv": 64,
     "state_stages": 2,
     "scan_bv": 32,
-    "prep": "fused",
     "keep_t": True,
     "prep_warps": 4,
-    "solve_warps": 2,
-    "solve_bk": 64,
     "apply_warps": 4,
     "apply_bk": 128,
     "out_bk": 64,
@@ -79,7 +78,7 @@ CONFIG = {
     "dk_part_fp32": False,  # bwd_dqk's part of dk, read by bwd_wy: fp32, or the input dtype
     "wy_bk": 64,
     "wy_bv": 64,
-    "wy_warps": 8,
+    "wy_warps": 4,
     "wy_stages": 3,
     "wy_mid_in_input_dtype": True,  # dAkk = -T^T R T^T from R rounded to the input dtype (fp32 inputs: fp32)
 }
@@ -201,37 +200,28 @@ class _WY:
     dvl: torch.Tensor | None  # local part of dVn, [rows, H, V]
 
 
-def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None = None, kept=None) -> _WY:
-    """The WY preparation: wy_prep (fused), wy_solve + wy_apply (split), or wy_apply alone from
-    `kept`, the forward's (T, cumulative gate)."""
+def _prep(L: _Layout, *, store_u: bool, do: torch.Tensor | None = None, kept=None) -> _WY:
+    """The WY preparation: wy_solve_apply, or wy_apply alone from `kept`, the forward's
+    (T, cumulative gate)."""
     w = L.new(L.rows, L.H, L.K)
     u = L.new(L.rows, L.H, L.V) if store_u else None
     dvl = L.new(L.rows, L.H, L.V) if do is not None else None
     use_g = L.g is not None
-    if kept is not None:
-        t, gc = kept
-    else:
-        gc = L.new(L.rows, L.H, dtype=torch.float32) if use_g else None
-        t = L.new(L.rows, L.H, CHUNK) if store_t or CONFIG["prep"] == "split" else None
     any_ = w
     pick = lambda x: x if x is not None else any_  # noqa: E731
-    bv = min(_pow2(L.V), 128)
-    if kept is None and CONFIG["prep"] == "fused":
-        kern.wy_prep[(L.n_chunks, L.H)](
-            L.k, L.v, L.beta, pick(L.g), L.q, pick(do), pick(gc), w, pick(u), pick(t), pick(dvl),
-            L.cu, L.idx, L.scale, L.T, L.NT, L.H, L.K, L.V,
-            BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
-            STORE_U=store_u, STORE_T=store_t, DO_DVL=do is not None, **_launch(L, CONFIG["prep_warps"]))
-        return _WY(gc, w, u, t, dvl)
-    if kept is None:
-        kern.wy_solve[(L.n_chunks, L.H)](
-            L.k, L.beta, pick(L.g), pick(gc), t, L.cu, L.idx, L.T, L.NT, L.H, L.K,
-            BK=min(L.BK, CONFIG["solve_bk"]), IS_VARLEN=L.varlen, USE_G=use_g, **_launch(L, CONFIG["solve_warps"]))
-    kern.wy_apply[(L.n_chunks, L.H)](
-        L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
-        L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V,
-        BK=min(L.BK, CONFIG["apply_bk"]), BV=bv, IS_VARLEN=L.varlen, USE_G=use_g,
-        STORE_U=store_u, DO_DVL=do is not None, **_launch(L, CONFIG["apply_warps"]))
+    opts = dict(BK=min(L.BK, CONFIG["apply_bk"]), BV=min(_pow2(L.V), 128), IS_VARLEN=L.varlen, USE_G=use_g,
+                STORE_U=store_u, DO_DVL=do is not None)
+    if kept is not None:
+        t, gc = kept
+        kern.wy_apply[(L.n_chunks, L.H)](
+            L.k, L.v, L.beta, pick(gc), t, L.q, pick(do), w, pick(u), pick(dvl), L.scale,
+            L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, **opts, **_launch(L, CONFIG["apply_warps"]))
+    else:
+        gc = L.new(L.rows, L.H, dtype=torch.float32) if use_g else None
+        t = L.new(L.rows, L.H, CHUNK)
+        kern.wy_solve_apply[(L.n_chunks, L.H)](
+            L.k, L.v, L.beta, pick(L.g), L.q, pick(do), pick(gc), t, w, pick(u), pick(dvl), L.scale,
+            L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, **opts, **_launch(L, CONFIG["prep_warps"]))
     return _WY(gc, w, u, t, dvl)
 
 
@@ -239,22 +229,17 @@ def _prep(L: _Layout, *, store_u: bool, store_t: bool, do: torch.Tensor | None =
 # after it on the same Call compute it once, shared through call.memo.
 
 def _forward_wy(call: Call, L: _Layout, *, keep: bool) -> _WY:
-    """The forward's WY preparation (final_state's, kept for the forward after it); it stores T
-    when the backward is to start from it (keep_t, under autograd: a Call with a memo)."""
-    return reuse(call.memo, "forward", None, keep, lambda: _prep(L, store_u=True, store_t=_keeps_t(call)))
+    """The forward's WY preparation (final_state's, kept for the forward after it)."""
+    return reuse(call.memo, "forward", None, keep, lambda: _prep(L, store_u=True))
 
 
 def _backward_wy(call: Call, L: _Layout, do_in, do, *, keep: bool, store: bool) -> _WY:
     """The backward's WY preparation for the gradient `do_in` (state_grad's, kept for the backward
-    after it), from the T the forward kept where it did; store: U and T too (the full backward)."""
+    after it), from the T the forward kept where it did; store: U too (the full backward)."""
     def build():
         t, gc = take(call.memo, WY_INVERSE), take(call.memo, WY_GATE)
-        return _prep(L, store_u=store, store_t=store, do=do, kept=(t, gc) if t is not None else None)
+        return _prep(L, store_u=store, do=do, kept=(t, gc) if t is not None else None)
     return reuse(call.memo, "backward", do_in, keep, build)
-
-
-def _keeps_t(call: Call) -> bool:
-    return CONFIG["keep_t"] and call.memo is not None
 
 
 @dataclass
@@ -285,6 +270,7 @@ def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
+        GATE_RESULTS=CONFIG["chain_gate_results"] and L.K <= 128,
         **_launch(L, CONFIG["chain_warps"], stages))
 
 
@@ -320,8 +306,9 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
         r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32)
     h0 = h0.to(f32).contiguous() if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
-    if store:
-        seg_chunks, bv, stages = CONFIG["seg_chunks"], CONFIG["chain_bv"], CONFIG["chain_stages"]
+    if store:  # the forward's chain alone runs best in narrower V blocks than the backward's pair
+        seg_chunks, stages = CONFIG["seg_chunks"], CONFIG["chain_stages"]
+        bv = CONFIG["chain_bv"] if reverse else CONFIG["forward_chain_bv"]
     else:
         seg_chunks, bv, stages = CONFIG["state_seg_chunks"], CONFIG["state_bv"], CONFIG["state_stages"]
     seg, segoff, n_seg, cut = _segment_plan(L.bounds, seg_chunks, L.q.device)
@@ -338,12 +325,12 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
     # 2. the scan over segments: every segment's start state / end-state gradient
     start = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
     grad = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
-    bv = min(_pow2(L.V), CONFIG["scan_bv"])
+    scan_bv = min(_pow2(L.V), CONFIG["scan_bv"])
     any_ = m
     pick = lambda x: x if x is not None else any_  # noqa: E731
-    kern.segment_scan[(cdiv(L.V, bv), L.N * L.H, int(forward) + int(reverse))](
+    kern.segment_scan[(cdiv(L.V, scan_bv), L.N * L.H, int(forward) + int(reverse))](
         m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
-        segoff, L.H, L.K, L.V, BK=L.BK, BV=bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
+        segoff, L.H, L.K, L.V, BK=L.BK, BV=scan_bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
         USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
     # 3. the per-chunk states, every segment from its true start
     if store:
@@ -359,7 +346,7 @@ def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
 def forward(call: Call, h0, h0_late=None):
     L = _layout(call)
     wy = _forward_wy(call, L, keep=False)
-    if _keeps_t(call):
+    if CONFIG["keep_t"] and call.memo is not None:  # under autograd: T and the gate go to the backward
         hand_over(call.memo, WY_INVERSE, wy.t)
         if wy.gc is not None:
             hand_over(call.memo, WY_GATE, wy.gc)
@@ -449,8 +436,9 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
     dg = L.new(L.rows, L.H, dtype=call.g.dtype) if use_g else None
+    y = L.new(L.rows, L.H, CHUNK)  # bwd_wy's scratch: dAkk, read back transposed
     kern.bwd_wy[(L.n_chunks, L.H)](
-        L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, dk, dv, dbeta, dg if use_g else dw,
+        L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, y, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
         IS_VARLEN=L.varlen, USE_G=use_g, MID_IN_INPUT_DTYPE=CONFIG["wy_mid_in_input_dtype"],

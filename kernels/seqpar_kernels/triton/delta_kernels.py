@@ -7,15 +7,14 @@ Per chunk of C = 64 tokens (cumulative in-chunk log gate g, gl = g at the chunk'
     O  = scale (diag(exp(g)) Q S + (Q K^T * exp(g_i - g_j))_{j<=i} Vn)
     S' = exp(gl) S + (diag(exp(gl - g)) K)^T Vn
 
-Kernels: `wy_prep` (gates, T, W, U; without a stored T also the backward's local dVn term),
-`wy_apply` (W, U and the local dVn term from the T the forward stored; `wy_solve` + `wy_apply` are
-the split alternative to wy_prep), `state_pass`
+Kernels: `wy_solve_apply` (gates, T, W, U; in the backward without a kept T also the local dVn
+term), `wy_apply` (W, U and the local dVn term from the T the forward kept), `state_pass`
 (the only sequential one: the forward state chain and/or the reverse gradient chain; the two are
 independent, so the backward runs both in one launch), `output`, `bwd_dqk` (dq, dk, dW, dg from
 the chain's states) and `bwd_wy` (through T to dk, dv, dbeta, dg).
 
 Hopper hazards (triton 3.6): no tl.trans anywhere. Every transposed operand is loaded transposed
-from memory or computed as its own product (e.g. dA^T by a second dot), never by transposing a
+from memory (dAkk^T in bwd_wy goes through a scratch tile for that), never made by transposing a
 dot result. Decay ratios are always exp(g_i - g_j) with i after j inside one chunk (<= 0), never
 exp(-g); masked positions get -inf before exp.
 """
@@ -24,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-C: tl.constexpr = tl.constexpr(64)  # chunk size; wy_prep hard-codes its four 16-row blocks
+C: tl.constexpr = tl.constexpr(64)  # chunk size; the block solve hard-codes its four 16-row blocks
 
 
 @triton.jit
@@ -187,20 +186,6 @@ def _mm(a, b):
 
 
 @triton.jit
-def _wy_rows(T0, T1, T2, T3, x0, x1, x2, x3, NB: tl.constexpr, DOT: tl.constexpr):
-    """Row block NB of T @ X with T's blocks (T0..T3 of that row; blocks past NB unused)."""
-    dt = x0.dtype
-    acc = tl.dot(T0.to(dt), x0, input_precision=DOT)
-    if NB >= 1:
-        acc += tl.dot(T1.to(dt), x1, input_precision=DOT)
-    if NB >= 2:
-        acc += tl.dot(T2.to(dt), x2, input_precision=DOT)
-    if NB >= 3:
-        acc += tl.dot(T3.to(dt), x3, input_precision=DOT)
-    return acc
-
-
-@triton.jit
 def _solve16(a00, a11, a22, a33, a10, a20, a21, a30, a31, a32, b0, b1, b2, b3, g0, g1, g2, g3,
              USE_G: tl.constexpr):
     """T = (I + Akk)^-1 in 16 x 16 blocks from the blocks of K K^T: the diagonal blocks by the
@@ -280,86 +265,10 @@ def _local_dv(kq, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV: tl.constexpr
 
 
 @triton.jit
-def wy_prep(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr,
-            gc_ptr, w_ptr, u_ptr, t_ptr, dvl_ptr,
-            cu_ptr, idx_ptr, scale, T, NT, H, K, V,
-            BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-            STORE_U: tl.constexpr, STORE_T: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
-    """gc (cumulative in-chunk gate), W, U, T and (backward) dVl = scale (Q K^T * D)^T dO.
-
-    T = (I + Akk)^-1 comes from _solve16; all of K stays in registers, so this is the
-    variant for 4 warps (wy_solve + wy_apply split the same work)."""
-    pid = tl.program_id(0)
-    ih = tl.program_id(1)
-    n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
-    HK = H * K
-    HV = H * V
-    kh = k_ptr + ih * K
-    vh = v_ptr + ih * V
-    k0 = _tile(kh, t0, eos, HK, 0, K, 16, BK)
-    k1 = _tile(kh, t0 + 16, eos, HK, 0, K, 16, BK)
-    k2 = _tile(kh, t0 + 32, eos, HK, 0, K, 16, BK)
-    k3 = _tile(kh, t0 + 48, eos, HK, 0, K, 16, BK)
-    kt0 = _tile_t(kh, t0, eos, HK, 0, K, 16, BK)
-    kt1 = _tile_t(kh, t0 + 16, eos, HK, 0, K, 16, BK)
-    kt2 = _tile_t(kh, t0 + 32, eos, HK, 0, K, 16, BK)
-    kt3 = _tile_t(kh, t0 + 48, eos, HK, 0, K, 16, BK)
-    b0, b1, b2, b3, g0, g1, g2, g3 = _gates16(beta_ptr, g_ptr, gc_ptr, ih, t0, eos, H, USE_G)
-    a00, a11, a22, a33 = (tl.dot(k0, kt0, input_precision=DOT), tl.dot(k1, kt1, input_precision=DOT),
-                          tl.dot(k2, kt2, input_precision=DOT), tl.dot(k3, kt3, input_precision=DOT))
-    a10, a20, a21 = (tl.dot(k1, kt0, input_precision=DOT), tl.dot(k2, kt0, input_precision=DOT),
-                     tl.dot(k2, kt1, input_precision=DOT))
-    a30, a31, a32 = (tl.dot(k3, kt0, input_precision=DOT), tl.dot(k3, kt1, input_precision=DOT),
-                     tl.dot(k3, kt2, input_precision=DOT))
-    T00, T10, T11, T20, T21, T22, T30, T31, T32, T33 = _solve16(
-        a00, a11, a22, a33, a10, a20, a21, a30, a31, a32, b0, b1, b2, b3, g0, g1, g2, g3, USE_G)
-    if STORE_T:
-        _store_t16(t_ptr, ih, t0, eos, H, T00, T10, T11, T20, T21, T22, T30, T31, T32, T33)
-    # W = T diag(beta exp(g)) K
-    dt = k0.dtype
-    if USE_G:
-        x0 = (k0 * (b0 * tl.exp(g0))[:, None]).to(dt)
-        x1 = (k1 * (b1 * tl.exp(g1))[:, None]).to(dt)
-        x2 = (k2 * (b2 * tl.exp(g2))[:, None]).to(dt)
-        x3 = (k3 * (b3 * tl.exp(g3))[:, None]).to(dt)
-    else:
-        x0 = (k0 * b0[:, None]).to(dt)
-        x1 = (k1 * b1[:, None]).to(dt)
-        x2 = (k2 * b2[:, None]).to(dt)
-        x3 = (k3 * b3[:, None]).to(dt)
-    wh = w_ptr + ih * K
-    _store_tile(wh, _wy_rows(T00, T00, T00, T00, x0, x1, x2, x3, 0, DOT), t0, eos, HK, 0, K, 16, BK)
-    _store_tile(wh, _wy_rows(T10, T11, T11, T11, x0, x1, x2, x3, 1, DOT), t0 + 16, eos, HK, 0, K, 16, BK)
-    _store_tile(wh, _wy_rows(T20, T21, T22, T22, x0, x1, x2, x3, 2, DOT), t0 + 32, eos, HK, 0, K, 16, BK)
-    _store_tile(wh, _wy_rows(T30, T31, T32, T33, x0, x1, x2, x3, 3, DOT), t0 + 48, eos, HK, 0, K, 16, BK)
-    if STORE_U:
-        # U = T diag(beta) V, in column blocks of BV
-        uh = u_ptr + ih * V
-        for c0 in range(0, V, BV):
-            y0 = (_tile(vh, t0, eos, HV, c0, V, 16, BV) * b0[:, None]).to(dt)
-            y1 = (_tile(vh, t0 + 16, eos, HV, c0, V, 16, BV) * b1[:, None]).to(dt)
-            y2 = (_tile(vh, t0 + 32, eos, HV, c0, V, 16, BV) * b2[:, None]).to(dt)
-            y3 = (_tile(vh, t0 + 48, eos, HV, c0, V, 16, BV) * b3[:, None]).to(dt)
-            _store_tile(uh, _wy_rows(T00, T00, T00, T00, y0, y1, y2, y3, 0, DOT), t0, eos, HV, c0, V, 16, BV)
-            _store_tile(uh, _wy_rows(T10, T11, T11, T11, y0, y1, y2, y3, 1, DOT), t0 + 16, eos, HV, c0, V, 16, BV)
-            _store_tile(uh, _wy_rows(T20, T21, T22, T22, y0, y1, y2, y3, 2, DOT), t0 + 32, eos, HV, c0, V, 16, BV)
-            _store_tile(uh, _wy_rows(T30, T31, T32, T33, y0, y1, y2, y3, 3, DOT), t0 + 48, eos, HV, c0, V, 16, BV)
-    if DO_DVL:
-        # dVl = scale (K Q^T * exp(g_i - g_j))_{i >= j} dO : the part of dVn that the chain does not carry
-        kf = _tile(kh, t0, eos, HK, 0, K, 64, BK)
-        qt = _tile_t(q_ptr + ih * K, t0, eos, HK, 0, K, 64, BK)
-        gf = tl.cumsum(_vec(g_ptr + ih, t0, eos, H, 64), 0) if USE_G else _vec(beta_ptr + ih, t0, eos, H, 64)
-        _local_dv(tl.dot(kf, qt, input_precision=DOT), gf, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G, DOT)
-
-
-@triton.jit
-def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K,
-             BK: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
-    """The cumulative in-chunk gate and T = (I + Akk)^-1 of one (chunk, head): the 16 x 16 blocks
-    of K K^T accumulated over K slices of BK, then _solve16. Small blocks: run it with few warps."""
-    pid = tl.program_id(0)
-    ih = tl.program_id(1)
-    n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
+def _solve_chunk(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, ih, t0, eos, H, K,
+                 BK: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
+    """The cumulative in-chunk gate and T = (I + Akk)^-1 of one (chunk, head), both stored: the
+    16 x 16 blocks of K K^T accumulated over K slices of BK, then _solve16."""
     HK = H * K
     kh = k_ptr + ih * K
     a00 = tl.zeros([16, 16], dtype=tl.float32)
@@ -397,15 +306,11 @@ def wy_solve(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, cu_ptr, idx_ptr, T, NT, H, K
 
 
 @triton.jit
-def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
-             cu_ptr, idx_ptr, T, NT, H, K, V,
-             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-             STORE_U: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
-    """W = T diag(beta exp(g)) K, U = T diag(beta) V (full 64-row products with T from wy_solve),
-    and for the backward dVl = scale (Q K^T * D)^T dO, the part of dVn the chain does not carry."""
-    pid = tl.program_id(0)
-    ih = tl.program_id(1)
-    n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
+def _apply_chunk(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
+                 ih, t0, eos, H, K, V, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr,
+                 STORE_U: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
+    """W = T diag(beta exp(g)) K, U = T diag(beta) V (full 64-row products with the stored T), and
+    for the backward dVl = scale (Q K^T * D)^T dO, the part of dVn the chain does not carry."""
     HK = H * K
     HV = H * V
     tm = _tile(t_ptr + ih * 64, t0, eos, H * 64, 0, 64, 64, 64)
@@ -424,6 +329,32 @@ def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr,
             a += tl.dot(_tile(k_ptr + ih * K, t0, eos, HK, c0, K, 64, BK),
                         _tile_t(q_ptr + ih * K, t0, eos, HK, c0, K, 64, BK), input_precision=DOT)
         _local_dv(a, g, do_ptr, dvl_ptr, ih, t0, eos, H, V, scale, BV, USE_G, DOT)
+
+
+@triton.jit
+def wy_apply(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
+             cu_ptr, idx_ptr, T, NT, H, K, V,
+             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
+             STORE_U: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
+    """_apply_chunk per (chunk, head), from the T the forward kept."""
+    n, t0, eos = _chunk_coords(tl.program_id(0), cu_ptr, idx_ptr, T, NT, IS_VARLEN)
+    _apply_chunk(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
+                 tl.program_id(1), t0, eos, H, K, V, BK, BV, USE_G, STORE_U, DO_DVL, DOT)
+
+
+@triton.jit
+def wy_solve_apply(k_ptr, v_ptr, beta_ptr, g_ptr, q_ptr, do_ptr, gc_ptr, t_ptr, w_ptr, u_ptr, dvl_ptr, scale,
+                   cu_ptr, idx_ptr, T, NT, H, K, V,
+                   BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
+                   STORE_U: tl.constexpr, DO_DVL: tl.constexpr, DOT: tl.constexpr):
+    """_solve_chunk then _apply_chunk in one program: T and the gate go out and come back (from L1 /
+    L2) in the layout of the 64-row products, so the solve's registers are free for them."""
+    ih = tl.program_id(1)
+    n, t0, eos = _chunk_coords(tl.program_id(0), cu_ptr, idx_ptr, T, NT, IS_VARLEN)
+    _solve_chunk(k_ptr, beta_ptr, g_ptr, gc_ptr, t_ptr, ih, t0, eos, H, K, BK, USE_G, DOT)
+    tl.debug_barrier()  # T and the gate written by every thread before any reads them back
+    _apply_chunk(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, q_ptr, do_ptr, w_ptr, u_ptr, dvl_ptr, scale,
+                 ih, t0, eos, H, K, V, BK, BV, USE_G, STORE_U, DO_DVL, DOT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +382,8 @@ def _segment(seg_ptr, s, cu_ptr, T, IS_VARLEN: tl.constexpr):
 def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr,
                    s, ih, c0, tb, eos, nc, goff, H, K, V,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, INIT: tl.constexpr,
-                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, TRANSITION: tl.constexpr, DOT: tl.constexpr):
+                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, TRANSITION: tl.constexpr,
+                   GATE_RESULTS: tl.constexpr, DOT: tl.constexpr):
     """S <- exp(gl) S + Kd^T (U - W S) over the segment's chunks, S in fp32. INIT: 0 zero, 1 from
     init_ptr[s]. STORE: S at every chunk start and Vn. TRANSITION: the dense transition instead
     (U = 0, S starts at the identity; columns index K)."""
@@ -483,7 +415,10 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
             last = tl.minimum(t0 + 64, eos) - 1
             gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
             g = _vec(gc_ptr + ih, t0, eos, H, 64)
-            kt = (kt * tl.exp(gl - g)[None, :]).to(w.dtype)
+            if GATE_RESULTS:  # Kd^T Vn = K^T (d Vn): the loaded K goes to the product unchanged
+                vn = vn * tl.exp(gl - g)[:, None]
+            else:
+                kt = (kt * tl.exp(gl - g)[None, :]).to(w.dtype)
             st = st * tl.exp(gl)
         st += tl.dot(kt, vn.to(w.dtype), input_precision=DOT)
     if WRITE_FINAL:
@@ -497,7 +432,7 @@ def _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, init_ptr, h_ptr, vn_ptr, out_ptr
 def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_ptr, dvn_ptr, out_ptr,
                    s, ih, c0, tb, eos, nc, goff, scale, H, K, V,
                    BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr, INIT: tl.constexpr,
-                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, DOT: tl.constexpr):
+                   STORE: tl.constexpr, WRITE_FINAL: tl.constexpr, GATE_RESULTS: tl.constexpr, DOT: tl.constexpr):
     """The adjoint chain, last chunk first: with dS the gradient of the chunk's end state,
     dVn = dVl + Kd dS;  dS <- exp(gl) dS + scale (Q exp(g))^T dO - W^T dVn."""
     HK = H * K
@@ -517,20 +452,33 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_pt
         dvl = _tile(dvl_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         if STORE:
             _store_state(dh_ptr + ((goff + it) * H + ih).to(tl.int64) * K * V, ds, K, V, c0, BK, BV)
-        if USE_G:
-            last = tl.minimum(t0 + 64, eos) - 1
-            gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
-            g = _vec(gc_ptr + ih, t0, eos, H, 64)
-            kk = (kk * tl.exp(gl - g)[:, None]).to(wt.dtype)
-            qt = (qt * (tl.exp(g) * scale)[None, :]).to(wt.dtype)
+        if GATE_RESULTS:  # the gates scale the products' results (and dO), not the loaded Q and K
+            kds = tl.dot(kk, ds.to(wt.dtype), input_precision=DOT)
+            if USE_G:
+                last = tl.minimum(t0 + 64, eos) - 1
+                gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
+                g = _vec(gc_ptr + ih, t0, eos, H, 64)
+                kds = kds * tl.exp(gl - g)[:, None]
+                qdo = tl.dot(qt, (do * (tl.exp(g) * scale)[:, None]).to(wt.dtype), input_precision=DOT)
+            else:
+                qdo = tl.dot(qt, do, input_precision=DOT) * scale
+            dvn = dvl.to(tl.float32) + kds
         else:
-            qt = (qt * scale).to(wt.dtype)
-        dvn = dvl.to(tl.float32) + tl.dot(kk, ds.to(wt.dtype), input_precision=DOT)
+            if USE_G:
+                last = tl.minimum(t0 + 64, eos) - 1
+                gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
+                g = _vec(gc_ptr + ih, t0, eos, H, 64)
+                kk = (kk * tl.exp(gl - g)[:, None]).to(wt.dtype)
+                qt = (qt * (tl.exp(g) * scale)[None, :]).to(wt.dtype)
+            else:
+                qt = (qt * scale).to(wt.dtype)
+            dvn = dvl.to(tl.float32) + tl.dot(kk, ds.to(wt.dtype), input_precision=DOT)
+            qdo = tl.dot(qt, do, input_precision=DOT)
         if STORE:
             _store_tile(dvn_ptr + ih * V, dvn, t0, eos, HV, c0, V, 64, BV)
         if USE_G:
             ds = ds * tl.exp(gl)
-        ds += tl.dot(qt, do, input_precision=DOT) - tl.dot(wt, dvn.to(wt.dtype), input_precision=DOT)
+        ds += qdo - tl.dot(wt, dvn.to(wt.dtype), input_precision=DOT)
     if WRITE_FINAL:
         _store_state(out_ptr + sb * K * V, ds, K, V, c0, BK, BV)
 
@@ -542,7 +490,7 @@ def state_pass(q_ptr, k_ptr, gc_ptr, w_ptr, u_ptr, do_ptr, dvl_ptr,
                BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
                FORWARD: tl.constexpr, REVERSE: tl.constexpr, FWD_V: tl.constexpr, WITH_M: tl.constexpr,
                FINIT: tl.constexpr, RINIT: tl.constexpr, STORE: tl.constexpr, WRITE_FINAL: tl.constexpr,
-               DOT: tl.constexpr):
+               GATE_RESULTS: tl.constexpr, DOT: tl.constexpr):
     """Grid (column blocks, segments x heads, FORWARD + REVERSE). Forward programs: the first NVB
     column blocks run the state over V (FWD_V), the next ones the transition over K (WITH_M).
     Reverse programs: the gradient chain over V. The directions are independent, so a backward
@@ -561,19 +509,19 @@ def state_pass(q_ptr, k_ptr, gc_ptr, w_ptr, u_ptr, do_ptr, dvl_ptr,
             if iv < NVB:
                 _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, fout_ptr,
                                s, ih, iv * BV, tb, eos, nc, goff, H, K, V,
-                               BK, BV, USE_G, FINIT, STORE, WRITE_FINAL, False, DOT)
+                               BK, BV, USE_G, FINIT, STORE, WRITE_FINAL, False, GATE_RESULTS, DOT)
             elif WITH_M:
                 _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, m_ptr,
                                s, ih, (iv - NVB) * BV, tb, eos, nc, goff, H, K, K,
-                               BK, BV, USE_G, 0, False, True, True, DOT)
+                               BK, BV, USE_G, 0, False, True, True, GATE_RESULTS, DOT)
         elif WITH_M:
             _forward_chain(k_ptr, gc_ptr, w_ptr, u_ptr, finit_ptr, h_ptr, vn_ptr, m_ptr,
                            s, ih, iv * BV, tb, eos, nc, goff, H, K, K,
-                           BK, BV, USE_G, 0, False, True, True, DOT)
+                           BK, BV, USE_G, 0, False, True, True, GATE_RESULTS, DOT)
     elif iv < NVB:
         _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, rinit_ptr, dh_ptr, dvn_ptr, rout_ptr,
                        s, ih, iv * BV, tb, eos, nc, goff, scale, H, K, V,
-                       BK, BV, USE_G, RINIT, STORE, WRITE_FINAL, DOT)
+                       BK, BV, USE_G, RINIT, STORE, WRITE_FINAL, GATE_RESULTS, DOT)
 
 
 @triton.jit
@@ -753,59 +701,53 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_ptr,
+def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_ptr, y_ptr,
            dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
            cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
            BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
            IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, MID_IN_INPUT_DTYPE: tl.constexpr, DOT: tl.constexpr):
     """With dU = dVn, dW from bwd_dqk:  R = dU (beta V)^T + dW (beta exp(g) K)^T,
     dAkk = -T^T R T^T (strictly lower), dV = beta T^T dU, d(beta exp(g) K) = T^T dW, and dAkk
-    into dk, dbeta, dg. dAkk^T = -T R^T T is formed from its own products (no transposes)."""
+    into dk, dbeta, dg. dAkk^T is read back transposed from the chunk's rows of the scratch y_ptr
+    (tl.trans of a product is the Hopper hazard): forming it by its own products took a third more
+    matrix products and the registers that kept this kernel at 8 warps (docs/performance.md, run 10)."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
     HK = H * K
     HV = H * V
     HC = H * 64
-    tm = _tile(t_ptr + ih * 64, t0, eos, HC, 0, 64, 64, 64)
     tmt = _tile_t(t_ptr + ih * 64, t0, eos, HC, 0, 64, 64, 64)
-    dt = tm.dtype
+    dt = tmt.dtype
     beta, g, bg = _beta_gate64(beta_ptr, gc_ptr, ih, t0, eos, H, USE_G)
     r = tl.zeros([64, 64], dtype=tl.float32)
-    rt = tl.zeros([64, 64], dtype=tl.float32)
     dbeta = tl.zeros([64], dtype=tl.float32)
     for c0 in range(0, V, BV):
         du = _tile(dvn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-        dut = _tile_t(dvn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         v = _tile(v_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         vt = _tile_t(v_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         r += tl.dot(du, (vt * beta[None, :]).to(dt), input_precision=DOT)
-        rt += tl.dot((v * beta[:, None]).to(dt), dut, input_precision=DOT)
         dut_ = tl.dot(tmt, du, input_precision=DOT)  # T^T dU
         dbeta += tl.sum(dut_ * v.to(tl.float32), 1)
         _store_tile(dv_ptr + ih * V, dut_ * beta[:, None], t0, eos, HV, c0, V, 64, BV)
     for k0 in range(0, K, BK):
         dw = _tile(dw_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
-        dwt = _tile_t(dw_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
-        k = _tile(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         kt = _tile_t(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
         r += tl.dot(dw, (kt * bg[None, :]).to(dt), input_precision=DOT)
-        rt += tl.dot((k * bg[:, None]).to(dt), dwt, input_precision=DOT)
     o_i = tl.arange(0, 64)
     lower = o_i[:, None] > o_i[None, :]
     upper = o_i[:, None] < o_i[None, :]
     if MID_IN_INPUT_DTYPE:  # R and T^T R rounded to the input dtype: 16-bit products, fewer registers
         y = -tl.dot(tl.dot(tmt, r.to(dt), input_precision=DOT).to(dt), tmt, input_precision=DOT)  # dAkk
-        yt = -tl.dot(tl.dot(tm, rt.to(dt), input_precision=DOT).to(dt), tm, input_precision=DOT)  # dAkk^T
     else:
-        tmf = tm.to(tl.float32)
         tmtf = tmt.to(tl.float32)
         y = -tl.dot(tl.dot(tmtf, r, input_precision=DOT), tmtf, input_precision=DOT)  # dAkk
-        yt = -tl.dot(tl.dot(tmf, rt, input_precision=DOT), tmf, input_precision=DOT)  # dAkk^T
     if USE_G:
         y = y * _ratio(g[:, None] - g[None, :], lower)
-        yt = yt * _ratio(g[None, :] - g[:, None], upper)
     y = tl.where(lower, y, 0.0)  # Y = dAkk * Gamma: dAkk_ij = beta_i Y_ij k_i.k_j
+    _store_tile(y_ptr + ih * 64, y, t0, eos, HC, 0, 64, 64, 64)
+    tl.debug_barrier()  # the whole tile written before any thread reads it back transposed
+    yt = _tile_t(y_ptr + ih * 64, t0, eos, HC, 0, 64, 64, 64).to(tl.float32)
     xt = tl.where(upper, yt * beta[None, :], 0.0)  # X^T with X = diag(beta) Y
     yk_dt = y.to(dt)
     xt_dt = xt.to(dt)
