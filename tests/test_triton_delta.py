@@ -130,7 +130,9 @@ def test_state_passes(variant, segments):
 @pytest.mark.parametrize("settings", [
     {"wy_mid_in_input_dtype": False, "dk_part_fp32": True},  # the fp32 intermediates of bwd_wy
     {"chain_gate_results": False},  # the chains' gates on the loaded tiles (as at K > 128)
-], ids=["fp32-wy-backward", "gated-tiles-in-chains"])
+    {"dqk_bk": 16},  # bwd_dqk over two K blocks, each with its own scratch tile
+    {"dqk_da_scratch": False},  # bwd_dqk's dA^T by its own products
+], ids=["fp32-wy-backward", "gated-tiles-in-chains", "dqk-k-blocks", "dqk-products"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_alternative_settings(variant, settings, dtype, monkeypatch):
     """Launch settings other than the defaults give the same results: packed documents, head dims

@@ -628,12 +628,14 @@ def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
+def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, da_ptr,
             dq_ptr, dk_ptr, dw_ptr, dg_ptr, scale,
             cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
-            BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, DOT: tl.constexpr):
-    """dq (final), dk (the part through outputs and chain, fp32), dW = -dVn S^T and the partial
-    gate gradient of this K block (w.r.t. the cumulative gate)."""
+            BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
+            DA_SCRATCH: tl.constexpr, DOT: tl.constexpr):
+    """dq (final), dk (the part through outputs and chain), dW = -dVn S^T and the partial gate
+    gradient of this K block (w.r.t. the cumulative gate). dA^T for dk is read back transposed
+    from this program's rows of the scratch da_ptr (DA_SCRATCH), or formed by its own products."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     ik = tl.program_id(2)
@@ -647,10 +649,11 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
     dvnhT = tl.zeros([64, BK], dtype=tl.float32)
     dp = tl.zeros([64, 64], dtype=tl.float32)
     dpt = tl.zeros([64, 64], dtype=tl.float32)
-    hdh = tl.zeros([BV, BK], dtype=tl.float32)
+    hh = ih + ik * H  # this program's slot of the scratch: [rows, K blocks x H, 64]
+    HS = tl.num_programs(2) * H * 64
+    hdh = 0.0  # sum of h * dh over the state: the chunk's share of the last token's gate gradient
     for c0 in range(0, V, BV):
         do = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-        dot_ = _tile_t(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         vn = _tile(vn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         vnt = _tile_t(vn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         dvn = _tile(dvn_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
@@ -660,9 +663,11 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
         vndhT += tl.dot(vn, dht, input_precision=DOT)
         dvnhT += tl.dot(dvn, ht, input_precision=DOT)
         dp += tl.dot(do, vnt, input_precision=DOT)
-        dpt += tl.dot(vn, dot_, input_precision=DOT)
+        if not DA_SCRATCH:
+            dot_ = _tile_t(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
+            dpt += tl.dot(vn, dot_, input_precision=DOT)
         if USE_G:
-            hdh += ht.to(tl.float32) * dht.to(tl.float32)
+            hdh += tl.sum(tl.sum(ht.to(tl.float32) * dht.to(tl.float32), 1), 0)
     q = _tile(q_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
     k = _tile(k_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
     dt = q.dtype
@@ -674,9 +679,15 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
         last = tl.minimum(t0 + 64, eos) - 1
         gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
         dp = dp * _ratio(g[:, None] - g[None, :], causal)
-        dpt = dpt * _ratio(g[None, :] - g[:, None], anti)
+        if not DA_SCRATCH:
+            dpt = dpt * _ratio(g[None, :] - g[:, None], anti)
     da = tl.where(causal, dp * scale, 0.0).to(dt)
-    dat = tl.where(anti, dpt * scale, 0.0).to(dt)
+    if DA_SCRATCH:
+        _store_tile(da_ptr + hh * 64, da, t0, eos, HS, 0, 64, 64, 64)
+        tl.debug_barrier()  # the whole tile written before any thread reads it back transposed
+        dat = _tile_t(da_ptr + hh * 64, t0, eos, HS, 0, 64, 64, 64)
+    else:
+        dat = tl.where(anti, dpt * scale, 0.0).to(dt)
     dq = tl.dot(da, k, input_precision=DOT)
     dk_in = tl.dot(dat, q, input_precision=DOT)
     if USE_G:
@@ -686,7 +697,7 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
         kf = k.to(tl.float32)
         dgk = tl.sum(kf * kd, 1)
         dg = tl.sum(q.to(tl.float32) * dq, 1) - tl.sum(kf * dk_in, 1) - dgk
-        dg += tl.where(t0 + o_i == last, tl.sum(dgk, 0) + tl.exp(gl) * tl.sum(tl.sum(hdh, 1), 0), 0.0)
+        dg += tl.where(t0 + o_i == last, tl.sum(dgk, 0) + tl.exp(gl) * hdh, 0.0)
         _store_vec(dg_ptr + ik * NROWS * H + ih, dg, t0, eos, H, 64)
     else:
         dq += dohT * scale

@@ -34,9 +34,10 @@ from dataclasses import replace
 # docs/performance.md ("Delta-rule kernels") and the JSON beside it.
 CONFIGS = {
     "A": {},
-    "B": {"forward_chain_bv": 32},  # run 10f: 8.24 against A's 8.01 ms at 64K
+    "B": {"dqk_da_scratch": False},  # run 10h: as fast as A (core checks only)
+    "C": {"dqk_stages": 3},  # run 10h: 7.83 against A's 7.92 ms at 64K (core checks only)
 }
-WORKERS = [("A", "core"), ("A", "ext"), ("B", "core")]
+WORKERS = [("A", "core"), ("A", "ext"), ("B", "core"), ("B", "ext"), ("C", "core"), ("C", "ext")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
 # tiny sizes (checks the script itself before it spends device time). The interpreter must be on
