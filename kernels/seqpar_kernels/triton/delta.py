@@ -429,9 +429,10 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     dk_part = L.new(L.rows, L.H, L.K, dtype=f32 if CONFIG["dk_part_fp32"] else None)
     dw = L.new(L.rows, L.H, L.K)
     dg_part = L.new(nk, L.rows, L.H, dtype=f32) if use_g else dw
-    da = L.new(L.rows, nk * L.H, CHUNK) if CONFIG["dqk_da_scratch"] else dw  # bwd_dqk's scratch
+    # a 64 x 64 tile per chunk, head and K block: bwd_dqk's dA, then bwd_wy's dAkk, read back transposed
+    scratch = L.new(L.rows, nk * L.H, CHUNK)
     kern.bwd_dqk[(L.n_chunks, L.H, nk)](
-        L.q, L.k, gc, h, vn, do, dh, dvn, da, dq, dk_part, dw, dg_part, L.scale,
+        L.q, L.k, gc, h, vn, do, dh, dvn, scratch, dq, dk_part, dw, dg_part, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=bk, BV=min(_pow2(L.V), CONFIG["dqk_bv"]), IS_VARLEN=L.varlen, USE_G=use_g,
         DA_SCRATCH=CONFIG["dqk_da_scratch"],
@@ -440,9 +441,8 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
     dg = L.new(L.rows, L.H, dtype=call.g.dtype) if use_g else None
-    y = L.new(L.rows, L.H, CHUNK)  # bwd_wy's scratch: dAkk, read back transposed
     kern.bwd_wy[(L.n_chunks, L.H)](
-        L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, y, dk, dv, dbeta, dg if use_g else dw,
+        L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, scratch, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=min(L.BK, CONFIG["wy_bk"]), BV=min(_pow2(L.V), CONFIG["wy_bv"]), NK=nk,
         IS_VARLEN=L.varlen, USE_G=use_g, MID_IN_INPUT_DTYPE=CONFIG["wy_mid_in_input_dtype"],

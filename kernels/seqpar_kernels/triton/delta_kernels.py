@@ -69,6 +69,15 @@ def _store_tile(ptr, x, row0, eos, stride, col0, ncols, R: tl.constexpr, BD: tl.
 
 
 @triton.jit
+def _transposed(scratch_ptr, x, row0, eos, stride):
+    """A 64 x 64 tile transposed without tl.trans of a product (the Hopper hazard): written to the
+    program's own scratch tile, then read back transposed once every thread has written its part."""
+    _store_tile(scratch_ptr, x, row0, eos, stride, 0, 64, 64, 64)
+    tl.debug_barrier()
+    return _tile_t(scratch_ptr, row0, eos, stride, 0, 64, 64, 64)
+
+
+@triton.jit
 def _vec(ptr, row0, eos, stride, R: tl.constexpr):
     r = row0 + tl.arange(0, R)
     return tl.load(ptr + r.to(tl.int64) * stride, mask=r < eos, other=0.0).to(tl.float32)
@@ -452,12 +461,13 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_pt
         dvl = _tile(dvl_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
         if STORE:
             _store_state(dh_ptr + ((goff + it) * H + ih).to(tl.int64) * K * V, ds, K, V, c0, BK, BV)
+        if USE_G:
+            last = tl.minimum(t0 + 64, eos) - 1
+            gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
+            g = _vec(gc_ptr + ih, t0, eos, H, 64)
         if GATE_RESULTS:  # the gates scale the products' results (and dO), not the loaded Q and K
             kds = tl.dot(kk, ds.to(wt.dtype), input_precision=DOT)
             if USE_G:
-                last = tl.minimum(t0 + 64, eos) - 1
-                gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
-                g = _vec(gc_ptr + ih, t0, eos, H, 64)
                 kds = kds * tl.exp(gl - g)[:, None]
                 qdo = tl.dot(qt, (do * (tl.exp(g) * scale)[:, None]).to(wt.dtype), input_precision=DOT)
             else:
@@ -465,9 +475,6 @@ def _reverse_chain(q_ptr, k_ptr, gc_ptr, w_ptr, do_ptr, dvl_ptr, init_ptr, dh_pt
             dvn = dvl.to(tl.float32) + kds
         else:
             if USE_G:
-                last = tl.minimum(t0 + 64, eos) - 1
-                gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
-                g = _vec(gc_ptr + ih, t0, eos, H, 64)
                 kk = (kk * tl.exp(gl - g)[:, None]).to(wt.dtype)
                 qt = (qt * (tl.exp(g) * scale)[None, :]).to(wt.dtype)
             else:
@@ -628,14 +635,15 @@ def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, da_ptr,
+def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, s_ptr,
             dq_ptr, dk_ptr, dw_ptr, dg_ptr, scale,
             cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
             DA_SCRATCH: tl.constexpr, DOT: tl.constexpr):
     """dq (final), dk (the part through outputs and chain), dW = -dVn S^T and the partial gate
-    gradient of this K block (w.r.t. the cumulative gate). dA^T for dk is read back transposed
-    from this program's rows of the scratch da_ptr (DA_SCRATCH), or formed by its own products."""
+    gradient of this K block (w.r.t. the cumulative gate). dA^T for dk goes through this program's
+    tile of the scratch s_ptr ([tokens, K blocks x H, 64]; DA_SCRATCH), or is formed by its own
+    products."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     ik = tl.program_id(2)
@@ -649,8 +657,6 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, da_ptr
     dvnhT = tl.zeros([64, BK], dtype=tl.float32)
     dp = tl.zeros([64, 64], dtype=tl.float32)
     dpt = tl.zeros([64, 64], dtype=tl.float32)
-    hh = ih + ik * H  # this program's slot of the scratch: [rows, K blocks x H, 64]
-    HS = tl.num_programs(2) * H * 64
     hdh = 0.0  # sum of h * dh over the state: the chunk's share of the last token's gate gradient
     for c0 in range(0, V, BV):
         do = _tile(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
@@ -683,9 +689,7 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, da_ptr
             dpt = dpt * _ratio(g[None, :] - g[:, None], anti)
     da = tl.where(causal, dp * scale, 0.0).to(dt)
     if DA_SCRATCH:
-        _store_tile(da_ptr + hh * 64, da, t0, eos, HS, 0, 64, 64, 64)
-        tl.debug_barrier()  # the whole tile written before any thread reads it back transposed
-        dat = _tile_t(da_ptr + hh * 64, t0, eos, HS, 0, 64, 64, 64)
+        dat = _transposed(s_ptr + (ik * H + ih) * 64, da, t0, eos, tl.num_programs(2) * H * 64)
     else:
         dat = tl.where(anti, dpt * scale, 0.0).to(dt)
     dq = tl.dot(da, k, input_precision=DOT)
@@ -712,16 +716,17 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, da_ptr
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_ptr, y_ptr,
+def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_ptr, s_ptr,
            dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
            cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
            BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
            IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, MID_IN_INPUT_DTYPE: tl.constexpr, DOT: tl.constexpr):
     """With dU = dVn, dW from bwd_dqk:  R = dU (beta V)^T + dW (beta exp(g) K)^T,
     dAkk = -T^T R T^T (strictly lower), dV = beta T^T dU, d(beta exp(g) K) = T^T dW, and dAkk
-    into dk, dbeta, dg. dAkk^T is read back transposed from the chunk's rows of the scratch y_ptr
-    (tl.trans of a product is the Hopper hazard): forming it by its own products took a third more
-    matrix products and the registers that kept this kernel at 8 warps (docs/performance.md, run 10)."""
+    into dk, dbeta, dg. dAkk^T goes through the program's tile of bwd_dqk's scratch s_ptr ([tokens,
+    NK x H, 64]; tl.trans of a product is the Hopper hazard): forming it by its own products took a
+    third more matrix products and the registers that kept this kernel at 8 warps (docs/performance.md,
+    run 10)."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     n, t0, eos = _chunk_coords(pid, cu_ptr, idx_ptr, T, NT, IS_VARLEN)
@@ -756,9 +761,7 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
     if USE_G:
         y = y * _ratio(g[:, None] - g[None, :], lower)
     y = tl.where(lower, y, 0.0)  # Y = dAkk * Gamma: dAkk_ij = beta_i Y_ij k_i.k_j
-    _store_tile(y_ptr + ih * 64, y, t0, eos, HC, 0, 64, 64, 64)
-    tl.debug_barrier()  # the whole tile written before any thread reads it back transposed
-    yt = _tile_t(y_ptr + ih * 64, t0, eos, HC, 0, 64, 64, 64).to(tl.float32)
+    yt = _transposed(s_ptr + ih * 64, y, t0, eos, NK * HC).to(tl.float32)
     xt = tl.where(upper, yt * beta[None, :], 0.0)  # X^T with X = diag(beta) Y
     yk_dt = y.to(dt)
     xt_dt = xt.to(dt)
