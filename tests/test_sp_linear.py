@@ -142,6 +142,8 @@ def test_final_state_used_by_some_ranks_only():
 def triton_cases(rank, P):
     """The Triton kernels under SP (fp32; the interpreter on CPU): the state pass and the kernel
     share their start-independent work through Call.memo, in forward and in backward."""
+    from seqpar_kernels.triton import delta
+
     fails = []
     for variant in ["simple_gla", "gla", "gated_delta_rule"]:
         for method, layout, packed in [("lasp2", "zigzag", True), ("zeco", "contiguous", False)]:
@@ -149,6 +151,14 @@ def triton_cases(rank, P):
                                    dtype=torch.float32, tol=1e-4)
             if bad:
                 fails.append(f"{what}: {bad}")
+    # the delta rules' summaries over segments of one chunk: the kernel after them runs only the
+    # scan and pass 3, the reverse summary takes the forward's transitions
+    delta.CONFIG["state_seg_chunks"] = 1
+    for method, layout, packed in [("lasp2", "zigzag", True), ("ring", "contiguous", False)]:
+        what, bad = check_case(rank, P, "gated_delta_rule", method, layout, packed, True, L=140, seed=5,
+                               backend="triton", dtype=torch.float32, tol=1e-4)
+        if bad:
+            fails.append(f"{what} (segments): {bad}")
     return fails
 
 
@@ -158,12 +168,17 @@ def test_sp_with_triton_kernels():
 
 def memo_handover(rank, P):
     """What the SP forward's Call kept for the backward, before and after the backward."""
+    from seqpar_kernels.triton import delta
+
     kept = {}
-    for variant in ["gla", "gated_delta_rule"]:
-        x = random_inputs(variant, B=1, T=64 * P, H=1, K=16, V=16, dtype=torch.float32, initial_state=False, seed=3)
+    for variant in ["gla", "gated_delta_rule", "gated_delta_rule/segments"]:
+        if variant.endswith("/segments"):  # each half shard two segments of one chunk
+            delta.CONFIG["state_seg_chunks"] = 1
+        x = random_inputs(variant.split("/")[0], B=1, T=256 * P if "/" in variant else 64 * P, H=1, K=16, V=16,
+                          dtype=torch.float32, initial_state=False, seed=3)
         leaves = {n: sp.shard(t, None, "zigzag").requires_grad_() for n, t in x.tensors().items()}
-        o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
-                                   beta=leaves.get("beta"), layout="zigzag", backend="triton")
+        o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant.split("/")[0],
+                                   g=leaves.get("g"), beta=leaves.get("beta"), layout="zigzag", backend="triton")
         # saved for the backward (through save_for_backward), left in the memo, left after the backward
         saved, left = sorted(o.grad_fn.memo_keys), sorted(o.grad_fn.memo)
         o.sum().backward()
@@ -173,13 +188,15 @@ def memo_handover(rank, P):
 
 def test_sp_backward_takes_what_the_forward_kept():
     """gla's forward keeps its intra-chunk matrix for the backward, the delta rules their WY inverse
-    and gate (as outside SP), all as saved tensors, and the backward uses them up; nothing else
+    and gate (as outside SP) and, where the summary ran over segments, the segments' transitions
+    for the reverse summary, all as saved tensors, and the backward uses them up; nothing else
     outlives the forward (it would hold memory until the backward)."""
     from seqpar_kernels.triton import delta, gated
 
+    wy = [delta.WY_GATE, delta.WY_INVERSE]
     for kept in run_ranks(memo_handover, 2, timeout=600):
-        assert kept == {"gla": ([gated.INTRA], [], []),
-                        "gated_delta_rule": (sorted([delta.WY_GATE, delta.WY_INVERSE]), [], [])}, kept
+        assert kept == {"gla": ([gated.INTRA], [], []), "gated_delta_rule": (sorted(wy), [], []),
+                        "gated_delta_rule/segments": (sorted(wy + [delta.TRANSITIONS]), [], [])}, kept
 
 
 def first_and_last_transitions(rank, P):

@@ -37,10 +37,14 @@ MAX_HEAD_DIM = 256
 # with triton 3.6 (docs/performance.md, "Delta-rule kernels"); delta_tune.py checks and times
 # alternatives. The chains are latency-bound (one program per V block, document and head walks
 # every chunk), so they use narrow V blocks for more programs in flight. Long documents can be cut
-# into segments: each segment's zero-start state and dense transition come from one parallel pass,
-# a short fp32 scan over segments gives every segment its start state, and (forward / backward
-# only) a second parallel pass recomputes the per-chunk states. That triples the chain work, so it
-# pays only where no per-chunk states are needed: final_state / state_grad (state_*).
+# into segments: each segment's zero-start state and dense transition come from one parallel pass
+# (pass 1), a short fp32 scan over segments gives every segment its start state (pass 2), and
+# (forward / backward only) a second parallel pass recomputes the per-chunk states (pass 3). That
+# triples the chain work, so alone it pays only where no per-chunk states are needed:
+# final_state / state_grad (state_*). Under SP these summaries run first on the same Call, and the
+# forward after them reuses their pass 1 (memo): it runs only the scan from the incoming state and
+# pass 3, faster than the chain over the whole shard (0.57 against 0.97 ms at 64K), and the reverse
+# summary takes the forward's transitions instead of recomputing them (1.13 -> 0.55 ms).
 # keep_t: a forward under autograd leaves T (64 values per token and head in the input dtype, as fla
 # keeps its A) and the cumulative gate for the backward, whose WY preparation is then wy_apply alone.
 # Run 9 (H100): keep_t, bwd_wy at 64 x 64 tiles and 3 stages with dAkk's products in the input dtype
@@ -52,7 +56,9 @@ MAX_HEAD_DIM = 256
 # wrong gradients from its own 4-warp WY backward on Hopper, fla issue 984, which transposes a
 # product: ours does not, and passes every check), the preparation as solve then apply in one
 # program (1.26 -> 1.10 ms), the forward's chain in 16-wide V blocks and bwd_dqk's gate term summed
-# as it goes (no spill): 10.76 -> 7.92 ms. bwd_dqk without its scratch tile was as fast (run 10h).
+# as it goes (no spill): 10.76 -> 7.92 ms. Run 11: bwd_dqk forms dA^T by its own products (as fast
+# as its scratch tile, and simpler) at 3 stages: 7.80 ms; one shard as SP runs it, summaries
+# included, from 0.82 to 0.91 of the kernel alone (state segments of 256 chunks, 3 stages).
 CONFIG = {
     "seg_chunks": 0,  # forward / backward: segments of this many chunks (0: whole documents)
     "chain_bv": 32,  # the backward's chains (forward and reverse side by side)
@@ -60,9 +66,10 @@ CONFIG = {
     "chain_warps": 4,
     "chain_stages": 3,
     "chain_gate_results": True,  # gates scale the chains' product results, not loaded K / Q (K <= 128)
-    "state_seg_chunks": 64,  # final_state / state_grad
+    "state_seg_chunks": 256,  # final_state / state_grad (and under SP the kernel after them)
     "state_bv": 64,
-    "state_stages": 2,
+    "state_stages": 3,
+    "state_warps": 4,
     "scan_bv": 32,
     "keep_t": True,
     "prep_warps": 4,
@@ -75,8 +82,7 @@ CONFIG = {
     "dqk_bk": 128,
     "dqk_bv": 64,
     "dqk_warps": 8,
-    "dqk_stages": 2,
-    "dqk_da_scratch": True,  # dA^T read back transposed from a scratch tile (else from its own products)
+    "dqk_stages": 3,
     "dk_part_fp32": False,  # bwd_dqk's part of dk, read by bwd_wy: fp32, or the input dtype
     "wy_bk": 64,
     "wy_bv": 64,
@@ -87,6 +93,9 @@ CONFIG = {
 
 
 WY_INVERSE, WY_GATE = "wy_inverse", "wy_gate"  # memo keys of what a forward keeps for the backward (keep_t)
+# memo keys: pass 1 over the state segments (a summary's, for the forward after it) and the
+# segments' transitions (the forward's, for the reverse summary)
+SUMMARIES, TRANSITIONS = "segment_summaries", "segment_transitions"
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -147,23 +156,29 @@ def _chunk_plan(bounds, device):
     return _cached(("chunks", bounds, device), build)
 
 
-def _segment_plan(bounds, seg_chunks: int, device):
-    """Segments of at most seg_chunks chunks (0: whole documents): an int32 [n_seg, 4] table of
-    (document, first token, number of chunks, global index of the first chunk), the int32 [N + 1]
-    first segment of each document, and whether any document was cut."""
+@dataclass(frozen=True)
+class _Segments:
+    """The documents cut into segments of at most seg_chunks chunks (0: whole documents)."""
+    table: torch.Tensor  # int32 [n, 4]: (document, first token, number of chunks, global first chunk)
+    first: torch.Tensor  # int32 [N + 1]: each document's first segment
+    n: int
+    cut: bool  # some document has more than one
+
+
+def _segments(L: _Layout, seg_chunks: int) -> _Segments:
     def build():
-        rows, segoff, goff, cut = [], [0], 0, False
-        for d, (s, e) in enumerate(zip(bounds, bounds[1:])):
+        rows, first, goff, cut = [], [0], 0, False
+        for d, (s, e) in enumerate(zip(L.bounds, L.bounds[1:])):
             nt = -(-(e - s) // CHUNK)
             step = seg_chunks if seg_chunks > 0 else nt
-            for c in range(0, nt, step):
-                rows.append((d, s + c * CHUNK, min(step, nt - c), goff + c))
+            rows += [(d, s + c * CHUNK, min(step, nt - c), goff + c) for c in range(0, nt, step)]
             cut = cut or nt > step
             goff += nt
-            segoff.append(len(rows))
-        return (torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4),
-                torch.tensor(segoff, dtype=torch.int32, device=device), len(rows), cut)
-    return _cached(("segments", bounds, seg_chunks, device), build)
+            first.append(len(rows))
+        dev = L.q.device
+        return _Segments(torch.tensor(rows, dtype=torch.int32, device=dev).view(-1, 4),
+                         torch.tensor(first, dtype=torch.int32, device=dev), len(rows), cut)
+    return _cached(("segments", L.bounds, seg_chunks, L.q.device), build)
 
 
 def _layout(call: Call) -> _Layout:
@@ -252,28 +267,29 @@ class _States:
     dh: torch.Tensor | None = None  # gradient of every chunk's end state [n_chunks, H, K, V]
     dvn: torch.Tensor | None = None  # gradient of Vn [rows, H, V]
     dh0: torch.Tensor | None = None  # gradient of the initial state, fp32 [N, H, K, V]
+    m: torch.Tensor | None = None  # the segments' transitions, where the chains ran over segments
 
 
-def _pass(L: _Layout, wy: _WY, seg, n_seg, *, forward=False, reverse=False, fwd_v=True, with_m=False,
+def _pass(L: _Layout, wy: _WY, sg: _Segments, *, forward=False, reverse=False, fwd_v=True, with_m=False,
           finit=None, rinit=None, fout=None, m=None, rout=None, r: _States | None = None, do=None,
-          bv=32, stages=2):
-    """One launch of state_pass over the segments in `seg`; r receives the per-chunk tensors (STORE)."""
+          bv=32, stages=2, warps=4):
+    """One launch of state_pass over the segments `sg`; r receives the per-chunk tensors (STORE)."""
     bv = min(_pow2(L.V), bv)
     nvb = cdiv(L.V, bv)
     cols = max(nvb * int(forward and fwd_v) + cdiv(L.K, bv) * int(forward and with_m), nvb * int(reverse))
     any_ = wy.w
     pick = lambda x: x if x is not None else any_  # noqa: E731
     store = r is not None
-    kern.state_pass[(cols, n_seg * L.H, int(forward) + int(reverse))](
+    kern.state_pass[(cols, sg.n * L.H, int(forward) + int(reverse))](
         L.q, L.k, pick(wy.gc), wy.w, pick(wy.u), pick(do), pick(wy.dvl),
         pick(finit), pick(r.h if store else None), pick(r.vn if store else None), pick(fout), pick(m),
         pick(rinit), pick(r.dh if store else None), pick(r.dvn if store else None), pick(rout),
-        L.scale, seg, L.cu, L.T, L.H, L.K, L.V, nvb,
+        L.scale, sg.table, L.cu, L.T, L.H, L.K, L.V, nvb,
         BK=L.BK, BV=bv, IS_VARLEN=L.varlen, USE_G=L.g is not None, FORWARD=forward, REVERSE=reverse,
         FWD_V=fwd_v, WITH_M=with_m, FINIT=int(finit is not None), RINIT=int(rinit is not None),
         STORE=store, WRITE_FINAL=fout is not None or m is not None or rout is not None,
         GATE_RESULTS=CONFIG["chain_gate_results"] and L.K <= 128,
-        **_launch(L, CONFIG["chain_warps"], stages))
+        **_launch(L, warps, stages))
 
 
 def _launch(L: _Layout, warps: int, stages: int | None = None) -> dict:
@@ -292,9 +308,11 @@ def _stages(L: _Layout, stages: int) -> int:
 
 
 def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
-            h0=None, do=None, dht=None) -> _States:
+            h0=None, do=None, dht=None, first=None) -> _States:
     """The forward state chain, the reverse gradient chain or both (side by side), with the
-    per-chunk states and Vn / dVn when `store`."""
+    per-chunk states and Vn / dVn when `store`. first: pass 1 of the state segments, (fsum, m),
+    computed by a summary pass on the same Call (under SP): the chains are then the scan over
+    segments and pass 3, whose parallel segments are faster than one chain over the document."""
     f32 = torch.float32
     r = _States()
     if store:
@@ -302,43 +320,65 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
             r.h, r.vn = L.new(L.n_chunks, L.H, L.K, L.V), L.new(L.rows, L.H, L.V)
         if reverse:
             r.dh, r.dvn = L.new(L.n_chunks, L.H, L.K, L.V), L.new(L.rows, L.H, L.V)
-    if forward:
-        r.ht = L.new(L.N, L.H, L.K, L.V, dtype=f32)
-    if reverse:
-        r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32)
     h0 = h0.to(f32).contiguous() if h0 is not None else None
     dht = dht.to(f32).contiguous() if dht is not None else None
-    if store:  # the forward's chain alone runs best in narrower V blocks than the backward's pair
-        seg_chunks, stages = CONFIG["seg_chunks"], CONFIG["chain_stages"]
-        bv = CONFIG["chain_bv"] if reverse else CONFIG["forward_chain_bv"]
+    if store and first is None:  # the forward's chain alone runs best in narrower V blocks than the pair
+        sg = _segments(L, CONFIG["seg_chunks"])
+        launch = dict(bv=CONFIG["chain_bv"] if reverse else CONFIG["forward_chain_bv"],
+                      stages=CONFIG["chain_stages"], warps=CONFIG["chain_warps"])
     else:
-        seg_chunks, bv, stages = CONFIG["state_seg_chunks"], CONFIG["state_bv"], CONFIG["state_stages"]
-    seg, segoff, n_seg, cut = _segment_plan(L.bounds, seg_chunks, L.q.device)
-    if not cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
-        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=h0, rinit=dht,
-              fout=r.ht, rout=r.dh0, r=r if store else None, do=do, bv=bv, stages=stages)
+        sg, launch = _segments(L, CONFIG["state_seg_chunks"]), _state_launch()
+    if not sg.cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
+        r.ht = L.new(L.N, L.H, L.K, L.V, dtype=f32) if forward else None
+        r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32) if reverse else None
+        _pass(L, wy, sg, forward=forward, reverse=reverse, finit=h0, rinit=dht,
+              fout=r.ht, rout=r.dh0, r=r if store else None, do=do, **launch)
         return r
-    # 1. every segment from zero: its final state / gradient, and its dense transition
-    fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
-    rsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
-    m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
-    _pass(L, wy, seg, n_seg, forward=True, reverse=reverse, fwd_v=forward, with_m=True,
-          fout=fsum, m=m, rout=rsum, do=do, bv=bv, stages=stages)
-    # 2. the scan over segments: every segment's start state / end-state gradient
-    start = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if forward else None
-    grad = L.new(n_seg, L.H, L.K, L.V, dtype=f32) if reverse else None
-    scan_bv = min(_pow2(L.V), CONFIG["scan_bv"])
-    any_ = m
-    pick = lambda x: x if x is not None else any_  # noqa: E731
-    kern.segment_scan[(cdiv(L.V, scan_bv), L.N * L.H, int(forward) + int(reverse))](
-        m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(r.ht), pick(dht), pick(grad), pick(r.dh0),
-        segoff, L.H, L.K, L.V, BK=L.BK, BV=scan_bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
-        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
-    # 3. the per-chunk states, every segment from its true start
-    if store:
-        _pass(L, wy, seg, n_seg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do,
-              bv=bv, stages=stages)
+    fsum, m, rsum = (*first, None) if first is not None else _summaries(L, wy, sg, forward=forward,
+                                                                        reverse=reverse, do=do, **launch)
+    start, r.ht, grad, r.dh0 = _scan(L, sg, m, fsum=fsum, h0=h0, rsum=rsum, dht=dht)
+    r.m = m
+    if store:  # 3. the per-chunk states, every segment from its true start
+        _pass(L, wy, sg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do, **launch)
     return r
+
+
+def _state_launch() -> dict:
+    return dict(bv=CONFIG["state_bv"], stages=CONFIG["state_stages"], warps=CONFIG["state_warps"])
+
+
+def _summaries(L: _Layout, wy: _WY, sg: _Segments, *, forward: bool, reverse: bool, m=None, do=None, **launch):
+    """Pass 1 of the segmented chains: every segment from zero, its final state fsum (forward) and
+    the gradient reaching its start rsum (reverse), and its dense transition m unless given (the
+    forward's, kept for the reverse scan): (fsum, m, rsum), fp32."""
+    f32 = torch.float32
+    fsum = L.new(sg.n, L.H, L.K, L.V, dtype=f32) if forward else None
+    rsum = L.new(sg.n, L.H, L.K, L.V, dtype=f32) if reverse else None
+    with_m = m is None
+    if with_m:
+        m = L.new(sg.n, L.H, L.K, L.K, dtype=f32)
+    _pass(L, wy, sg, forward=forward or with_m, reverse=reverse, fwd_v=forward, with_m=with_m,
+          fout=fsum, m=m if with_m else None, rout=rsum, do=do, **(launch or _state_launch()))
+    return fsum, m, rsum
+
+
+def _scan(L: _Layout, sg: _Segments, m, *, fsum=None, h0=None, rsum=None, dht=None):
+    """Pass 2, the scan over segments in fp32: every segment's start state and the documents' final
+    states (from fsum and h0), every segment's end-state gradient and the documents' initial-state
+    gradients (from rsum and dht): (start, ht, grad, dh0), None for a direction not asked for."""
+    f32 = torch.float32
+    forward, reverse = fsum is not None, rsum is not None
+    V = (fsum if forward else rsum).shape[-1]  # L.V, or K for the transitions
+    start, grad = (L.new(sg.n, L.H, L.K, V, dtype=f32) if x else None for x in (forward, reverse))
+    ht, dh0 = (L.new(L.N, L.H, L.K, V, dtype=f32) if x else None for x in (forward, reverse))
+    scan_bv = min(_pow2(V), CONFIG["scan_bv"])
+    h0, dht = (x.to(f32).contiguous() if x is not None else None for x in (h0, dht))
+    pick = lambda x: x if x is not None else m  # noqa: E731
+    kern.segment_scan[(cdiv(V, scan_bv), L.N * L.H, int(forward) + int(reverse))](
+        m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(ht), pick(dht), pick(grad), pick(dh0),
+        sg.first, L.H, L.K, V, BK=L.BK, BV=scan_bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
+        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
+    return start, ht, grad, dh0
 
 
 def _unflat(L: _Layout, x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +392,10 @@ def forward(call: Call, h0, h0_late=None):
         hand_over(call.memo, WY_INVERSE, wy.t)
         if wy.gc is not None:
             hand_over(call.memo, WY_GATE, wy.gc)
-    st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late))
+    first = take(call.memo, SUMMARIES)  # a summary ran on this Call (SP): pass 1 is done
+    st = _chains(L, wy, forward=True, reverse=False, store=True, h0=plus_late(h0, h0_late), first=first)
+    if first is not None and st.m is not None:  # the reverse summary's scan needs the transitions
+        hand_over(call.memo, TRANSITIONS, st.m)
     o = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     bv = min(_pow2(L.V), CONFIG["out_bv"])
     kern.output[(L.n_chunks, L.H, cdiv(L.V, bv))](
@@ -363,47 +406,32 @@ def forward(call: Call, h0, h0_late=None):
     return _unflat(L, o), st.ht
 
 
+def _forward_summaries(call: Call, L: _Layout, wy: _WY, sg: _Segments):
+    """Pass 1 of the forward chain over the state segments, (fsum, m), kept in the memo: a forward
+    on the same Call (under SP, after this summary) then runs only the scan and pass 3."""
+    return reuse(call.memo, SUMMARIES, None, True, lambda: _summaries(L, wy, sg, forward=True, reverse=False)[:2])
+
+
 def final_state(call: Call, h0):
     L = _layout(call)
     wy = _forward_wy(call, L, keep=True)
-    return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
+    sg = _segments(L, CONFIG["state_seg_chunks"])
+    if not sg.cut:
+        return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
+    fsum, m = _forward_summaries(call, L, wy, sg)
+    return _scan(L, sg, m, fsum=fsum, h0=h0)[1]
 
 
 def final_state_and_transition(call: Call, h0):
-    """(ht, M) of every sequence from one pass: each segment of chunks from zero with its dense K x K
-    transition (what the segmented state pass computes anyway), then composed in order in fp32,
-    S <- M_s S + F_s and M <- M_s M. Saves the second full pass that M alone would cost."""
+    """(ht, M) of every sequence from one pass over the segments (each from zero, with its dense
+    K x K transition: what final_state computes anyway), then two scans over segments: the states
+    from h0 (S <- M_s S + F_s) and the transitions from the identity (M <- M_s M)."""
     L = _layout(call)
     wy = _forward_wy(call, L, keep=True)
-    seg_chunks = CONFIG["state_seg_chunks"]
-    seg, _, n_seg, _ = _segment_plan(L.bounds, seg_chunks, L.q.device)
-    f32 = torch.float32
-    fsum = L.new(n_seg, L.H, L.K, L.V, dtype=f32)
-    m = L.new(n_seg, L.H, L.K, L.K, dtype=f32)
-    _pass(L, wy, seg, n_seg, forward=True, with_m=True, fout=fsum, m=m, bv=CONFIG["state_bv"],
-          stages=CONFIG["state_stages"])
-    first = _segments_per_document(L.bounds, seg_chunks)
-    eye = torch.eye(L.K, dtype=f32, device=m.device).expand(L.H, L.K, L.K)
-    hts, Ms = [], []
-    for n in range(L.N):
-        S = h0[n].to(f32) if h0 is not None else torch.zeros(L.H, L.K, L.V, dtype=f32, device=m.device)
-        M = eye
-        for s in range(first[n], first[n + 1]):
-            S = torch.baddbmm(fsum[s], m[s], S)
-            M = torch.bmm(m[s], M)
-        hts.append(S)
-        Ms.append(M)
-    return torch.stack(hts), torch.stack(Ms)
-
-
-def _segments_per_document(bounds, seg_chunks: int) -> list[int]:
-    """Index of each document's first segment (as _segment_plan cuts them), plus the total."""
-    first = [0]
-    for s, e in zip(bounds, bounds[1:]):
-        nt = -(-(e - s) // CHUNK)
-        step = seg_chunks if seg_chunks > 0 else nt
-        first.append(first[-1] + -(-nt // step))
-    return first
+    sg = _segments(L, CONFIG["state_seg_chunks"])
+    fsum, m = _forward_summaries(call, L, wy, sg)
+    eye = torch.eye(L.K, dtype=torch.float32, device=m.device).expand(L.N, L.H, L.K, L.K).contiguous()
+    return _scan(L, sg, m, fsum=fsum, h0=h0)[1], _scan(L, sg, m, fsum=torch.zeros_like(m), h0=eye)[1]
 
 
 def state_grad(call: Call, do, dht):
@@ -411,7 +439,12 @@ def state_grad(call: Call, do, dht):
     do_in, do = do, do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
     full = call.memo is not None  # then the preparation is the backward's, kept for it
     wy = _backward_wy(call, L, do_in, do, keep=True, store=full)
-    return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
+    sg = _segments(L, CONFIG["state_seg_chunks"])
+    m = take(call.memo, TRANSITIONS)  # the forward's, where it ran over these segments
+    if not sg.cut:
+        return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0
+    _, m, rsum = _summaries(L, wy, sg, forward=False, reverse=True, m=m, do=do)
+    return _scan(L, sg, m, rsum=rsum, dht=dht)[3]
 
 
 def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
@@ -429,18 +462,16 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     dk_part = L.new(L.rows, L.H, L.K, dtype=f32 if CONFIG["dk_part_fp32"] else None)
     dw = L.new(L.rows, L.H, L.K)
     dg_part = L.new(nk, L.rows, L.H, dtype=f32) if use_g else dw
-    # a 64 x 64 tile per chunk, head and K block: bwd_dqk's dA, then bwd_wy's dAkk, read back transposed
-    scratch = L.new(L.rows, nk * L.H, CHUNK)
     kern.bwd_dqk[(L.n_chunks, L.H, nk)](
-        L.q, L.k, gc, h, vn, do, dh, dvn, scratch, dq, dk_part, dw, dg_part, L.scale,
+        L.q, L.k, gc, h, vn, do, dh, dvn, dq, dk_part, dw, dg_part, L.scale,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,
         BK=bk, BV=min(_pow2(L.V), CONFIG["dqk_bv"]), IS_VARLEN=L.varlen, USE_G=use_g,
-        DA_SCRATCH=CONFIG["dqk_da_scratch"],
         **_launch(L, CONFIG["dqk_warps"], CONFIG["dqk_stages"]))
     dk = L.new(L.rows, L.H, L.K)
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
     dg = L.new(L.rows, L.H, dtype=call.g.dtype) if use_g else None
+    scratch = L.new(L.rows, L.H, CHUNK)  # a 64 x 64 tile per chunk and head: dAkk, read back transposed
     kern.bwd_wy[(L.n_chunks, L.H)](
         L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, scratch, dk, dv, dbeta, dg if use_g else dw,
         L.cu, L.idx, L.T, L.NT, L.H, L.K, L.V, L.rows,

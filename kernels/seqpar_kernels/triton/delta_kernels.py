@@ -635,15 +635,15 @@ def output(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, o_ptr, scale,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, s_ptr,
+def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr,
             dq_ptr, dk_ptr, dw_ptr, dg_ptr, scale,
             cu_ptr, idx_ptr, T, NT, H, K, V, NROWS,
             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_G: tl.constexpr,
-            DA_SCRATCH: tl.constexpr, DOT: tl.constexpr):
+            DOT: tl.constexpr):
     """dq (final), dk (the part through outputs and chain), dW = -dVn S^T and the partial gate
-    gradient of this K block (w.r.t. the cumulative gate). dA^T for dk goes through this program's
-    tile of the scratch s_ptr ([tokens, K blocks x H, 64]; DA_SCRATCH), or is formed by its own
-    products."""
+    gradient of this K block (w.r.t. the cumulative gate). dA^T for dk is formed by its own
+    products (dO^T Vn^T), not transposed (the Hopper tl.trans hazard): as fast as reading it back
+    from a scratch tile (run 10h), and simpler."""
     pid = tl.program_id(0)
     ih = tl.program_id(1)
     ik = tl.program_id(2)
@@ -669,9 +669,7 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, s_ptr,
         vndhT += tl.dot(vn, dht, input_precision=DOT)
         dvnhT += tl.dot(dvn, ht, input_precision=DOT)
         dp += tl.dot(do, vnt, input_precision=DOT)
-        if not DA_SCRATCH:
-            dot_ = _tile_t(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV)
-            dpt += tl.dot(vn, dot_, input_precision=DOT)
+        dpt += tl.dot(vn, _tile_t(do_ptr + ih * V, t0, eos, HV, c0, V, 64, BV), input_precision=DOT)
         if USE_G:
             hdh += tl.sum(tl.sum(ht.to(tl.float32) * dht.to(tl.float32), 1), 0)
     q = _tile(q_ptr + ih * K, t0, eos, HK, k0, K, 64, BK)
@@ -685,13 +683,9 @@ def bwd_dqk(q_ptr, k_ptr, gc_ptr, h_ptr, vn_ptr, do_ptr, dh_ptr, dvn_ptr, s_ptr,
         last = tl.minimum(t0 + 64, eos) - 1
         gl = tl.load(gc_ptr + last.to(tl.int64) * H + ih)
         dp = dp * _ratio(g[:, None] - g[None, :], causal)
-        if not DA_SCRATCH:
-            dpt = dpt * _ratio(g[None, :] - g[:, None], anti)
+        dpt = dpt * _ratio(g[None, :] - g[:, None], anti)
     da = tl.where(causal, dp * scale, 0.0).to(dt)
-    if DA_SCRATCH:
-        dat = _transposed(s_ptr + (ik * H + ih) * 64, da, t0, eos, tl.num_programs(2) * H * 64)
-    else:
-        dat = tl.where(anti, dpt * scale, 0.0).to(dt)
+    dat = tl.where(anti, dpt * scale, 0.0).to(dt)
     dq = tl.dot(da, k, input_precision=DOT)
     dk_in = tl.dot(dat, q, input_precision=DOT)
     if USE_G:
@@ -723,8 +717,8 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
            IS_VARLEN: tl.constexpr, USE_G: tl.constexpr, MID_IN_INPUT_DTYPE: tl.constexpr, DOT: tl.constexpr):
     """With dU = dVn, dW from bwd_dqk:  R = dU (beta V)^T + dW (beta exp(g) K)^T,
     dAkk = -T^T R T^T (strictly lower), dV = beta T^T dU, d(beta exp(g) K) = T^T dW, and dAkk
-    into dk, dbeta, dg. dAkk^T goes through the program's tile of bwd_dqk's scratch s_ptr ([tokens,
-    NK x H, 64]; tl.trans of a product is the Hopper hazard): forming it by its own products took a
+    into dk, dbeta, dg. dAkk^T goes through the program's tile of the scratch s_ptr ([tokens, H, 64];
+    tl.trans of a product is the Hopper hazard): forming it by its own products took a
     third more matrix products and the registers that kept this kernel at 8 warps (docs/performance.md,
     run 10)."""
     pid = tl.program_id(0)
@@ -761,7 +755,7 @@ def bwd_wy(k_ptr, v_ptr, beta_ptr, gc_ptr, t_ptr, dw_ptr, dvn_ptr, dkp_ptr, dgp_
     if USE_G:
         y = y * _ratio(g[:, None] - g[None, :], lower)
     y = tl.where(lower, y, 0.0)  # Y = dAkk * Gamma: dAkk_ij = beta_i Y_ij k_i.k_j
-    yt = _transposed(s_ptr + ih * 64, y, t0, eos, NK * HC).to(tl.float32)
+    yt = _transposed(s_ptr + ih * 64, y, t0, eos, HC).to(tl.float32)
     xt = tl.where(upper, yt * beta[None, :], 0.0)  # X^T with X = diag(beta) Y
     yk_dt = y.to(dt)
     xt_dt = xt.to(dt)

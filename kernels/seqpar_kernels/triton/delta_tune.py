@@ -30,14 +30,17 @@ from dataclasses import replace
 
 # Each configuration is checked (by one or more workers, each with its own case list) before it
 # is timed. "A" is delta.CONFIG (the defaults); the others vary launch settings so that each is
-# verified on its own. Add the settings to try here; those of runs 8-10 and their times are in
-# docs/performance.md ("Delta-rule kernels") and the JSON beside it.
+# verified on its own. Add the settings to try here; those of runs 8-11 and their times are in
+# docs/performance.md ("Delta-rule kernels") and the JSON beside it. Run 11, one shard under SP
+# (--sp; shard / sp at 64K and 256K, gated_delta_rule), with the kernel after the summaries running
+# the scan and pass 3 over the state segments: segments of 32 chunks 0.859 / 0.868, 64 0.884 /
+# 0.900, 128 0.907 / 0.914, 256 0.914 / 0.922 (the default), 512 0.848 / 0.924; the backward's pair
+# of chains (delta_rule's 2.06 ms at 64K against gated_delta_rule's 1.67) in 16- or 64-wide
+# column blocks or 2 stages: slower for both variants.
 CONFIGS = {
     "A": {},
-    "B": {"dqk_da_scratch": False},  # run 10h: as fast as A (core checks only)
-    "C": {"dqk_stages": 3},  # run 10h: 7.83 against A's 7.92 ms at 64K (core checks only)
 }
-WORKERS = [("A", "core"), ("A", "ext"), ("B", "core"), ("B", "ext"), ("C", "core"), ("C", "ext")]
+WORKERS = [("A", "core"), ("A", "ext")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
 # tiny sizes (checks the script itself before it spends device time). The interpreter must be on
@@ -80,8 +83,10 @@ def _inputs(variant, B, T, H, K, V, dtype, *, h0, cu=None, seed=0):
     return q, k, v, g, beta, s0, cu_t
 
 
-def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, seed=0, passes=False):
-    """Errors of every output of one call against the float64 reference."""
+def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, seed=0, passes=False,
+                as_in_sp=False):
+    """Errors of every output of one call against the float64 reference; as_in_sp: the same
+    outputs again as one shard under SP computes them (_as_in_sp: the kernel after the summaries)."""
     import torch
 
     from seqpar_kernels.explicit import Call, TorchKernel
@@ -105,6 +110,12 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
            "dbeta": (gr.dbeta, rg.dbeta), "dh0": (gr.dh0, rg.dh0)}
     if g is not None:
         got["dg"] = (gr.dg, rg.dg)
+    if as_in_sp:
+        so, sht, sgr = _as_in_sp(delta, call, do, s0, g_ht, transition=True)
+        got.update({"sp_o": (so, ro), "sp_ht": (sht, rht), "sp_dq": (sgr.dq, rg.dq), "sp_dk": (sgr.dk, rg.dk),
+                    "sp_dv": (sgr.dv, rg.dv), "sp_dbeta": (sgr.dbeta, rg.dbeta), "sp_dh0": (sgr.dh0, rg.dh0)})
+        if g is not None:
+            got["sp_dg"] = (sgr.dg, rg.dg)
     if passes:
         got["final_state"] = (delta.final_state(call, s0), rht)
         got["state_grad"] = (delta.state_grad(call, do, g_ht), rg.dh0)
@@ -127,15 +138,20 @@ def _cases(which: str):
     if SMOKE:
         return [("gated_delta_rule", 1, 128, 2, 16, 16, "float32", dict(h0=False, dht=False, passes=True)),
                 ("gated_delta_rule", 1, 300, 1, 16, 16, "float32",
-                 dict(h0=True, dht=True, cu=[0, 1, 130, 300], passes=True))][: 1 if which == "ext" else 2]
+                 dict(h0=True, dht=True, cu=[0, 1, 130, 300], passes=True, as_in_sp=True))][: 1 if which == "ext" else 2]
     if which == "core":
         return [
             ("gated_delta_rule", 1, 8192, 16, 128, 128, "bfloat16", dict(h0=False, dht=False, passes=True)),
             ("gated_delta_rule", 1, 9000, 2, 128, 128, "bfloat16", dict(h0=True, dht=True, cu=cu_long, passes=True)),
+            # long enough for three segments of state_seg_chunks (default 256 chunks)
+            ("gated_delta_rule", 1, 40000, 4, 128, 128, "bfloat16", dict(h0=True, dht=True, as_in_sp=True)),
         ]
     return [
         ("delta_rule", 1, 8192, 16, 128, 128, "bfloat16", dict(h0=False, dht=False, passes=True)),
         ("delta_rule", 1, 9000, 2, 128, 128, "bfloat16", dict(h0=True, dht=True, cu=cu_long, passes=True)),
+        ("delta_rule", 1, 40000, 4, 128, 128, "bfloat16", dict(h0=True, dht=True, as_in_sp=True)),
+        ("gated_delta_rule", 1, 33000, 2, 128, 128, "bfloat16",
+         dict(h0=True, dht=True, cu=[0, 100, 20000, 33000], as_in_sp=True)),
         ("gated_delta_rule", 2, 1000, 4, 128, 128, "bfloat16", dict(h0=True, dht=True)),
         ("gated_delta_rule", 1, 777, 2, 64, 64, "float16", dict(h0=True, dht=True)),
         ("gated_delta_rule", 1, 500, 2, 256, 256, "bfloat16", dict(h0=True, dht=True)),
@@ -210,7 +226,28 @@ def _fwdbwd(delta, call, do, h0=None, dht=None):
     return o, ht, delta.backward(call, h0, do, dht)
 
 
-def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "final_state", "state_grad")):
+def _as_in_sp(delta, call, do, h0, dht, transition):
+    """One shard's forward+backward as the SP call runs it (seqpar.sp.linear_attention), on one
+    memo'd Call: the summary pass (the final state from zero, with the dense transition where a
+    later shard needs it), the kernel from the incoming state, the summary's gradient pass, the
+    kernel backward. Over `_fwdbwd` with the same h0 / dht, the state passes' cost under SP."""
+    call = replace(call, memo={})
+    if transition:
+        delta.final_state_and_transition(call, None)
+    else:
+        delta.final_state(call, None)
+    o, ht = delta.forward(call, h0)
+    delta.state_grad(call, do, None)
+    return o, ht, delta.backward(call, h0, do, dht)
+
+
+MEASURES = ("fwd", "fwdbwd", "final_state", "state_grad")
+
+
+def time_config(delta, variant, T, with_fla=False, measures=MEASURES):
+    """Median ms of each measure: fwd, fwdbwd (no h0 / dht, as fla is timed), final_state,
+    state_grad; shard (fwdbwd with h0 and dht, a shard under SP), sp and sp_m (the same in the SP
+    call's order, without and with the dense transition: see _as_in_sp)."""
     import torch
 
     from seqpar_kernels.explicit import Call
@@ -220,12 +257,16 @@ def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "f
     scale = D ** -0.5
     call = Call(q, k, v, g, beta, scale)
     do = torch.randn_like(v)
+    h0, dht = (0.1 * torch.randn(1, H, D, D, device=DEV) for _ in range(2))
     res = {}
     fns = {
         "fwd": lambda: delta.forward(call, None),
         "fwdbwd": lambda: _fwdbwd(delta, call, do),
         "final_state": lambda: delta.final_state(call, None),
         "state_grad": lambda: delta.state_grad(call, do, None),
+        "shard": lambda: _fwdbwd(delta, call, do, h0, dht),
+        "sp": lambda: _as_in_sp(delta, call, do, h0, dht, False),
+        "sp_m": lambda: _as_in_sp(delta, call, do, h0, dht, True),
     }
     for m in measures:
         res[m] = _bench(fns[m])
@@ -250,8 +291,10 @@ def time_config(delta, variant, T, with_fla=False, measures=("fwd", "fwdbwd", "f
     return res
 
 
-def breakdown(delta, variant, T):
-    """CUDA time per kernel name over one forward+backward (torch.profiler)."""
+def breakdown(delta, variant, T, as_in_sp=False):
+    """CUDA time per kernel name over one forward+backward (torch.profiler); as_in_sp: of one shard
+    in the SP call's order with the transition (_as_in_sp), every launch in order, as
+    [name, ms] (the summary passes and the kernel launch the same kernels)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -261,18 +304,26 @@ def breakdown(delta, variant, T):
     q, k, v, g, beta, _, _ = _inputs(variant, 1, T, H, D, D, dt, h0=False, seed=1)
     call = Call(q, k, v, g, beta, D ** -0.5)
     do = torch.randn_like(v)
+    h0, dht = (0.1 * torch.randn(1, H, D, D, device=DEV) for _ in range(2))
+    run = (lambda: _as_in_sp(delta, call, do, h0, dht, True)) if as_in_sp else (lambda: _fwdbwd(delta, call, do))
+    iters = 1 if as_in_sp else 3
     for _ in range(2):
-        _fwdbwd(delta, call, do)
+        run()
     _sync()
     with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            _fwdbwd(delta, call, do)
+        for _ in range(iters):
+            run()
         _sync()
+    if as_in_sp:
+        kind = "CPU" if SMOKE else "CUDA"  # the smoke run has no device: its outermost CPU ops
+        events = sorted((e for e in prof.events() if e.device_type.name == kind and not (SMOKE and e.cpu_parent)),
+                        key=lambda e: e.time_range.start)
+        return [[e.name, e.time_range.elapsed_us() / 1e3] for e in events]
     rows = {}
     for e in prof.key_averages():
         t = e.cpu_time_total if SMOKE else (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0))
         if t:
-            rows[e.key] = {"ms_per_iter": t / 1e3 / 3, "calls_per_iter": e.count / 3}
+            rows[e.key] = {"ms_per_iter": t / 1e3 / iters, "calls_per_iter": e.count / iters}
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms_per_iter"]))
 
 
@@ -306,7 +357,11 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--lengths", default="65536,262144")
     ap.add_argument("--no-fla", action="store_true", help="skip fla (its autotuning costs ~250 s of device time)")
+    ap.add_argument("--delta-rule-all", action="store_true", help="time delta_rule for every configuration (else A's)")
+    ap.add_argument("--sp", action="store_true",
+                    help="also time each shard as the SP call runs it (summary passes + kernel: shard, sp, sp_m)")
     args = ap.parse_args()
+    measures = MEASURES + (("shard", "sp", "sp_m") if args.sp else ())
     fla = not (SMOKE or args.no_fla)
     import torch
     import triton
@@ -358,21 +413,18 @@ def main():
         delta.CONFIG.clear()
         delta.CONFIG.update(defaults, **CONFIGS[n])
 
-    for i, n in enumerate(passed):
+    for i, n in enumerate(passed):  # gated_delta_rule for every configuration, delta_rule for A or all
         use(n)
-        for T in lengths:
-            key = f"{n}/gated_delta_rule/{T}"
-            timings[key] = time_config(delta, "gated_delta_rule", T, with_fla=(i == 0) and fla)
-            print(key, _fmt(timings[key]), flush=True)
-        breakdowns[f"{n}/gated_delta_rule/{lengths[0]}"] = breakdown(delta, "gated_delta_rule", lengths[0])
-        _dump(report, args.out)
-    if "A" in passed:
-        use("A")
-        for T in lengths:
-            key = f"A/delta_rule/{T}"
-            timings[key] = time_config(delta, "delta_rule", T, with_fla=fla)
-            print(key, _fmt(timings[key]), flush=True)
-        breakdowns[f"A/delta_rule/{lengths[0]}"] = breakdown(delta, "delta_rule", lengths[0])
+        for variant in ("gated_delta_rule", "delta_rule") if (n == "A" or args.delta_rule_all) else ("gated_delta_rule",):
+            for T in lengths:
+                key = f"{n}/{variant}/{T}"
+                with_fla = fla and (variant == "delta_rule" or i == 0) and n == passed[0]
+                timings[key] = time_config(delta, variant, T, with_fla=with_fla, measures=measures)
+                print(key, _fmt(timings[key]), flush=True)
+            breakdowns[f"{n}/{variant}/{lengths[0]}"] = breakdown(delta, variant, lengths[0])
+            if args.sp:
+                report[f"sp_launches/{n}/{variant}/{lengths[0]}"] = breakdown(delta, variant, lengths[0], as_in_sp=True)
+            _dump(report, args.out)
     report["seconds"] = time.time() - t0
     _dump(report, args.out)
     if passed:
@@ -383,6 +435,10 @@ def main():
                                      for T in lengths))
         for n in passed:
             print(f"{n:8s}" + "".join(f"{timings[f'{n}/gated_delta_rule/{T}']['fwdbwd']:12.3f}" for T in lengths))
+        if args.sp:  # the compute-only ceiling of SP efficiency: shard alone over shard with its summaries
+            print("\nshard / as in SP (no transition, with transition)")
+            for key, t in timings.items():
+                print(f"  {key:32s} {t['shard'] / t['sp']:.3f} {t['shard'] / t['sp_m']:.3f}")
         for key, rows in breakdowns.items():
             print("breakdown", key, " ".join(f"{kn}={r['ms_per_iter']:.3f}x{r['calls_per_iter']:.0f}"
                                               for kn, r in rows.items() if r["ms_per_iter"] > 0.01))
