@@ -89,6 +89,14 @@ def test_matches_naive(variant, dtype, with_h0, with_dht):
     _check(got, want, TOL[dtype], f"{variant} {dtype} h0={with_h0} dht={with_dht}")
 
 
+def test_delta_rule_above_128_runs_the_gated_path():
+    """delta_rule with a head dim above 128 runs the gated kernels with a zero gate (the ungated
+    chains fault there on an H100): same results, no gate gradient returned."""
+    x = random_inputs("delta_rule", B=1, T=70, H=1, K=136, V=130, seed=29)
+    got, want = _run("delta_rule", x, torch.float32, True, True)  # asserts dg is None
+    _check(got, want, TOL[torch.float32], "delta_rule K=136 V=130")
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_odd_head_dims_and_short_sequence(variant):
     """K, V not powers of two (masked columns) and T shorter than one chunk."""

@@ -52,7 +52,7 @@ MAX_HEAD_DIM = 256
 # dtype: forward+backward at 64K from 12.10 to 10.76 ms. Run 10: the chains' gates on product results
 # (the loaded K / Q tiles go to the products unchanged; 4.46 -> 2.90 ms for the two chain launches;
 # at K > 128 that chain hit an illegal memory access, as the ungated one does, so it keeps the gated
-# tiles there), bwd_wy reading dAkk^T back from a scratch tile at 4 warps (1.76 -> 1.04 ms; fla saw
+# tiles there, and since run 11 delta_rule above 128 runs that gated path with a zero gate), bwd_wy reading dAkk^T back from a scratch tile at 4 warps (1.76 -> 1.04 ms; fla saw
 # wrong gradients from its own 4-warp WY backward on Hopper, fla issue 984, which transposes a
 # product: ours does not, and passes every check), the preparation as solve then apply in one
 # program (1.26 -> 1.10 ms), the forward's chain in 16-wide V blocks and bwd_dqk's gate term summed
@@ -195,16 +195,17 @@ def _layout(call: Call) -> _Layout:
     V = v.shape[-1]
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise InputError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
-    if call.g is None and max(K, V) > 128 and q.is_cuda:
-        raise InputError(f"delta_rule with head dims above 128 (K={K}, V={V}) hit an illegal memory access in "
-                         "the Triton kernels on an H100 with triton 3.6 (gated_delta_rule at 256 passed); "
-                         "use backend='torch' or head dims <= 128")
+    g = call.g
+    if g is None and max(K, V) > 128:
+        # the ungated chains above 128 hit an illegal memory access on an H100 (Triton 3.6), the gated
+        # ones pass: delta_rule runs as gated_delta_rule with a zero gate (its gradient dropped)
+        g = q.new_zeros(B, T, H, dtype=torch.float32)
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
     bounds = call.boundaries()
     cu, idx, n_chunks = _chunk_plan(bounds, q.device)
     varlen = call.cu_seqlens is not None
     NT = 0 if varlen else -(-T // CHUNK)
-    return _Layout(flat(q), flat(k), flat(v), flat(call.beta), flat(call.g) if call.g is not None else None,
+    return _Layout(flat(q), flat(k), flat(v), flat(call.beta), flat(g) if g is not None else None,
                    call.scale, B, T, H, K, V, len(bounds) - 1, NT, n_chunks, cu, idx, varlen, bounds)
 
 
@@ -470,7 +471,7 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
     dk = L.new(L.rows, L.H, L.K)
     dv = L.new(L.rows, L.H, L.V, dtype=call.v.dtype)
     dbeta = L.new(L.rows, L.H, dtype=call.beta.dtype)
-    dg = L.new(L.rows, L.H, dtype=call.g.dtype) if use_g else None
+    dg = L.new(L.rows, L.H, dtype=L.g.dtype) if use_g else None
     scratch = L.new(L.rows, L.H, CHUNK)  # a 64 x 64 tile per chunk and head: dAkk, read back transposed
     kern.bwd_wy[(L.n_chunks, L.H)](
         L.k, L.v, L.beta, gc, wy.t, dw, dvn, dk_part, dg_part, scratch, dk, dv, dbeta, dg if use_g else dw,
@@ -479,4 +480,4 @@ def backward(call: Call, h0, do, dht, dht_late=None) -> Grads:
         IS_VARLEN=L.varlen, USE_G=use_g, MID_IN_INPUT_DTYPE=CONFIG["wy_mid_in_input_dtype"],
         **_launch(L, CONFIG["wy_warps"], CONFIG["wy_stages"]))
     return Grads(_unflat(L, dq).to(call.q.dtype), _unflat(L, dk).to(call.k.dtype), _unflat(L, dv),
-                 _unflat(L, dg) if use_g else None, _unflat(L, dbeta), st.dh0)
+                 _unflat(L, dg) if call.g is not None else None, _unflat(L, dbeta), st.dh0)
