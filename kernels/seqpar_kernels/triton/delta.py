@@ -72,6 +72,7 @@ CONFIG = {
     "state_warps": 4,
     "scan_bv": 32,
     "keep_t": True,
+    "zero_gate_above": 128,  # delta_rule above this head dim: the gated kernels with a zero gate
     "prep_warps": 4,
     "apply_warps": 4,
     "apply_bk": 128,
@@ -196,7 +197,7 @@ def _layout(call: Call) -> _Layout:
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise InputError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
     g = call.g
-    if g is None and max(K, V) > 128:
+    if g is None and max(K, V) > CONFIG["zero_gate_above"]:
         # the ungated chains above 128 hit an illegal memory access on an H100 (Triton 3.6), the gated
         # ones pass: delta_rule runs as gated_delta_rule with a zero gate (its gradient dropped)
         g = q.new_zeros(B, T, H, dtype=torch.float32)

@@ -36,7 +36,11 @@ from dataclasses import replace
 # the scan and pass 3 over the state segments: segments of 32 chunks 0.859 / 0.868, 64 0.884 /
 # 0.900, 128 0.907 / 0.914, 256 0.914 / 0.922 (the default), 512 0.848 / 0.924; the backward's pair
 # of chains (delta_rule's 2.06 ms at 64K against gated_delta_rule's 1.67) in 16- or 64-wide
-# column blocks or 2 stages: slower for both variants.
+# column blocks or 2 stages: slower for both variants; delta_rule through the gated kernels with a
+# zero gate at every head dim ({"zero_gate_above": 0}, 11k): its chains as fast as the gated
+# ones, but the whole 7.85 ms against 7.47, one shard as SP runs it 8.61 against 8.39; dO scaled
+# before the reverse chain's product as in the gated chain (11j): slower (reverse summary 0.84
+# against 0.76 ms).
 CONFIGS = {
     "A": {},
 }
