@@ -2,14 +2,18 @@
 
 1. Every launch configuration in CONFIGS is checked against the float64 chunked reference
    (seqpar_kernels.chunk_torch, itself tested equal to the token recurrence) at several shapes:
-   outputs, final state, every gradient, final_state / state_grad alone and the identity-start
-   transition; one process per configuration, in parallel (compiling dominates).
+   outputs, final state, every gradient, final_state / state_grad alone, the identity-start
+   transition, and the same outputs in the SP call's order (summaries first, on one memo'd Call,
+   over several state segments); one process per configuration, in parallel (compiling dominates).
 2. Configurations that pass are timed (median of triton.testing.do_bench) at B=1, H=16, K=V=128,
-   bf16: forward, forward+backward, final_state, state_grad; fla-core's chunk kernels in the same
-   run when installed (its Hopper guard lifted for timing: its gradients are not trusted here).
-3. A per-kernel breakdown (torch.profiler) of the best configuration's forward+backward.
+   bf16: forward, forward+backward, final_state, state_grad; with --sp also one shard as the SP
+   call runs it against the kernel alone (the SP efficiency with free communication); fla-core's
+   chunk kernels in the same run when installed (its Hopper guard lifted for timing: its gradients
+   are not trusted here).
+3. A per-kernel breakdown (torch.profiler) of each configuration's forward+backward; with --sp
+   every launch of the SP order.
 
-    python -m seqpar_kernels.triton.delta_tune --out DIR [--lengths 65536,262144] [--no-fla]
+    python -m seqpar_kernels.triton.delta_tune --out DIR [--lengths 65536,262144] [--no-fla] [--sp]
 
 Writes DIR/delta_gpu.json (rewritten as results arrive) and prints tables; exits non-zero if any
 configuration fails a check. Device time on a fresh H100: the checks compile for ~150 s (one
@@ -422,8 +426,7 @@ def main():
         for variant in ("gated_delta_rule", "delta_rule") if (n == "A" or args.delta_rule_all) else ("gated_delta_rule",):
             for T in lengths:
                 key = f"{n}/{variant}/{T}"
-                with_fla = fla and (variant == "delta_rule" or i == 0) and n == passed[0]
-                timings[key] = time_config(delta, variant, T, with_fla=with_fla, measures=measures)
+                timings[key] = time_config(delta, variant, T, with_fla=fla and i == 0, measures=measures)
                 print(key, _fmt(timings[key]), flush=True)
             breakdowns[f"{n}/{variant}/{lengths[0]}"] = breakdown(delta, variant, lengths[0])
             if args.sp:
