@@ -42,9 +42,10 @@ from dataclasses import replace
 # of chains (delta_rule's 2.06 ms at 64K against gated_delta_rule's 1.67) in 16- or 64-wide
 # column blocks or 2 stages: slower for both variants; delta_rule through the gated kernels with a
 # zero gate at every head dim ({"zero_gate_above": 0}, 11k): its chains as fast as the gated
-# ones, but the whole 7.85 ms against 7.47, one shard as SP runs it 8.61 against 8.39; dO scaled
-# before the reverse chain's product as in the gated chain (11j): slower (reverse summary 0.84
-# against 0.76 ms).
+# ones, but the whole 7.85 ms against 7.47; dO scaled before the reverse chain's product as in the
+# gated chain (11j): slower (reverse summary 0.84 against 0.76 ms); the zero gate in the chains
+# only (11l): 7.08, in the launches with a reverse chain only (11m, reverse_zero_gate, the
+# default): 7.01.
 CONFIGS = {
     "A": {},
 }
