@@ -139,8 +139,7 @@ def test_state_passes(variant, segments):
     {"wy_mid_in_input_dtype": False, "dk_part_fp32": True},  # the fp32 intermediates of bwd_wy
     {"chain_gate_results": False},  # the chains' gates on the loaded tiles (as at K > 128)
     {"dqk_bk": 16},  # bwd_dqk over two K blocks (and bwd_wy summing their gate parts)
-    {"reverse_zero_gate": False},  # delta_rule's reverse chains on the ungated code
-], ids=["fp32-wy-backward", "gated-tiles-in-chains", "dqk-k-blocks", "ungated-reverse-chains"])
+], ids=["fp32-wy-backward", "gated-tiles-in-chains", "dqk-k-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_alternative_settings(variant, settings, dtype, monkeypatch):
     """Launch settings other than the defaults give the same results: packed documents, head dims

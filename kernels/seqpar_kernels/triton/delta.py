@@ -67,7 +67,6 @@ CONFIG = {
     "chain_warps": 4,
     "chain_stages": 3,
     "chain_gate_results": True,  # gates scale the chains' product results, not loaded K / Q (K <= 128)
-    "reverse_zero_gate": True,  # delta_rule's launches with a reverse chain: the gated code, zero gate
     "state_seg_chunks": 256,  # final_state / state_grad (and under SP the kernel after them)
     "state_bv": 64,
     "state_stages": 3,
@@ -284,11 +283,9 @@ def _pass(L: _Layout, wy: _WY, sg: _Segments, *, forward=False, reverse=False, f
     any_ = wy.w
     pick = lambda x: x if x is not None else any_  # noqa: E731
     store = r is not None
-    gc = wy.gc
-    if gc is None and reverse and CONFIG["reverse_zero_gate"]:
-        # delta_rule's reverse chain ran 40 % slower than the gated one (run 11k, unexplained): it
-        # runs the gated code with a zero gate (the forward chain alone is faster ungated)
-        gc = _zeros(L.rows, L.H, L.q.device)
+    # the reverse chain always carries a gate (delta_kernels._reverse_chain): zero for delta_rule;
+    # a forward chain alone runs faster ungated
+    gc = wy.gc if wy.gc is not None or not reverse else _zeros(L.rows, L.H, L.q.device)
     kern.state_pass[(cols, sg.n * L.H, int(forward) + int(reverse))](
         L.q, L.k, pick(gc), wy.w, pick(wy.u), pick(do), pick(wy.dvl),
         pick(finit), pick(r.h if store else None), pick(r.vn if store else None), pick(fout), pick(m),
@@ -304,6 +301,12 @@ def _pass(L: _Layout, wy: _WY, sg: _Segments, *, forward=False, reverse=False, f
 def _zeros(rows: int, H: int, device) -> torch.Tensor:
     """A zero cumulative gate (fp32 [rows, H]), made once per shape and never written."""
     return _cached(("zeros", rows, H, device), lambda: torch.zeros(rows, H, dtype=torch.float32, device=device))
+
+
+def _eye(L: _Layout) -> torch.Tensor:
+    """Identity start states (fp32 [N, H, K, K]), made once per shape and never written."""
+    return _cached(("eye", L.N, L.H, L.K, L.q.device), lambda: torch.eye(
+        L.K, dtype=torch.float32, device=L.q.device).expand(L.N, L.H, L.K, L.K).contiguous())
 
 
 def _launch(L: _Layout, warps: int, stages: int | None = None) -> dict:
@@ -341,7 +344,7 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
         launch = dict(bv=CONFIG["chain_bv"] if reverse else CONFIG["forward_chain_bv"],
                       stages=CONFIG["chain_stages"], warps=CONFIG["chain_warps"])
     else:
-        sg, launch = _segments(L, CONFIG["state_seg_chunks"]), _state_launch()
+        sg, launch = _state_segments(L), _state_launch()
     if not sg.cut:  # one segment per document: the chains start from h0 / dht and end at ht / dh0
         r.ht = L.new(L.N, L.H, L.K, L.V, dtype=f32) if forward else None
         r.dh0 = L.new(L.N, L.H, L.K, L.V, dtype=f32) if reverse else None
@@ -355,6 +358,11 @@ def _chains(L: _Layout, wy: _WY, *, forward: bool, reverse: bool, store: bool,
     if store:  # 3. the per-chunk states, every segment from its true start
         _pass(L, wy, sg, forward=forward, reverse=reverse, finit=start, rinit=grad, r=r, do=do, **launch)
     return r
+
+
+def _state_segments(L: _Layout) -> _Segments:
+    """The segments of the summaries (final_state / state_grad) and, under SP, of the kernel after them."""
+    return _segments(L, CONFIG["state_seg_chunks"])
 
 
 def _state_launch() -> dict:
@@ -376,13 +384,16 @@ def _summaries(L: _Layout, wy: _WY, sg: _Segments, *, forward: bool, reverse: bo
     return fsum, m, rsum
 
 
-def _scan(L: _Layout, sg: _Segments, m, *, fsum=None, h0=None, rsum=None, dht=None):
+def _scan(L: _Layout, sg: _Segments, m, *, fsum=None, h0=None, rsum=None, dht=None, transitions=False):
     """Pass 2, the scan over segments in fp32: every segment's start state and the documents' final
     states (from fsum and h0), every segment's end-state gradient and the documents' initial-state
-    gradients (from rsum and dht): (start, ht, grad, dh0), None for a direction not asked for."""
+    gradients (from rsum and dht): (start, ht, grad, dh0), None for a direction not asked for.
+    transitions: ht is each document's transition instead (from the identity, no sums)."""
     f32 = torch.float32
-    forward, reverse = fsum is not None, rsum is not None
-    V = (fsum if forward else rsum).shape[-1]  # L.V, or K for the transitions
+    forward, reverse = fsum is not None or transitions, rsum is not None
+    V = L.K if transitions else L.V
+    if transitions:
+        h0 = _eye(L)
     start, grad = (L.new(sg.n, L.H, L.K, V, dtype=f32) if x else None for x in (forward, reverse))
     ht, dh0 = (L.new(L.N, L.H, L.K, V, dtype=f32) if x else None for x in (forward, reverse))
     scan_bv = min(_pow2(V), CONFIG["scan_bv"])
@@ -391,7 +402,7 @@ def _scan(L: _Layout, sg: _Segments, m, *, fsum=None, h0=None, rsum=None, dht=No
     kern.segment_scan[(cdiv(V, scan_bv), L.N * L.H, int(forward) + int(reverse))](
         m, pick(fsum), pick(rsum), pick(h0), pick(start), pick(ht), pick(dht), pick(grad), pick(dh0),
         sg.first, L.H, L.K, V, BK=L.BK, BV=scan_bv, KB=min(L.BK, 32), FORWARD=forward, REVERSE=reverse,
-        USE_H0=h0 is not None, USE_DHT=dht is not None, num_warps=4)
+        USE_H0=h0 is not None, USE_DHT=dht is not None, USE_SUMS=not transitions, num_warps=4)
     return start, ht, grad, dh0
 
 
@@ -429,7 +440,7 @@ def _forward_summaries(call: Call, L: _Layout, wy: _WY, sg: _Segments):
 def final_state(call: Call, h0):
     L = _layout(call)
     wy = _forward_wy(call, L, keep=True)
-    sg = _segments(L, CONFIG["state_seg_chunks"])
+    sg = _state_segments(L)
     if not sg.cut:
         return _chains(L, wy, forward=True, reverse=False, store=False, h0=h0).ht
     fsum, m = _forward_summaries(call, L, wy, sg)
@@ -442,10 +453,9 @@ def final_state_and_transition(call: Call, h0):
     from h0 (S <- M_s S + F_s) and the transitions from the identity (M <- M_s M)."""
     L = _layout(call)
     wy = _forward_wy(call, L, keep=True)
-    sg = _segments(L, CONFIG["state_seg_chunks"])
+    sg = _state_segments(L)
     fsum, m = _forward_summaries(call, L, wy, sg)
-    eye = torch.eye(L.K, dtype=torch.float32, device=m.device).expand(L.N, L.H, L.K, L.K).contiguous()
-    return _scan(L, sg, m, fsum=fsum, h0=h0)[1], _scan(L, sg, m, fsum=torch.zeros_like(m), h0=eye)[1]
+    return _scan(L, sg, m, fsum=fsum, h0=h0)[1], _scan(L, sg, m, transitions=True)[1]
 
 
 def state_grad(call: Call, do, dht):
@@ -453,7 +463,7 @@ def state_grad(call: Call, do, dht):
     do_in, do = do, do.reshape(L.rows, L.H, L.V).to(L.q.dtype).contiguous()
     full = call.memo is not None  # then the preparation is the backward's, kept for it
     wy = _backward_wy(call, L, do_in, do, keep=True, store=full)
-    sg = _segments(L, CONFIG["state_seg_chunks"])
+    sg = _state_segments(L)
     m = take(call.memo, TRANSITIONS)  # the forward's, where it ran over these segments
     if not sg.cut:
         return _chains(L, wy, forward=False, reverse=True, store=False, do=do, dht=dht).dh0

@@ -44,12 +44,13 @@ from dataclasses import replace
 # zero gate at every head dim ({"zero_gate_above": 0}, 11k): its chains as fast as the gated
 # ones, but the whole 7.85 ms against 7.47; dO scaled before the reverse chain's product as in the
 # gated chain (11j): slower (reverse summary 0.84 against 0.76 ms); the zero gate in the chains
-# only (11l): 7.08, in the launches with a reverse chain only (11m, reverse_zero_gate, the
-# default): 7.01.
+# only (11l): 7.08, in the launches with a reverse chain only (11m; since then the reverse chain
+# always carries a gate): 7.01.
 CONFIGS = {
     "A": {},
+    "S16": {"state_seg_chunks": 16},  # the summaries over several segments at the checked lengths
 }
-WORKERS = [("A", "core"), ("A", "ext")]
+WORKERS = [("A", "core"), ("A", "ext"), ("S16", "summaries")]
 TOL = {"bfloat16": 2e-2, "float16": 1e-2, "float32": 5e-3}
 # DELTA_GPU_SMOKE=1 TRITON_INTERPRET=1: the whole script on the CPU under the Triton interpreter at
 # tiny sizes (checks the script itself before it spends device time). The interpreter must be on
@@ -128,11 +129,15 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     if passes:
         got["final_state"] = (delta.final_state(call, s0), rht)
         got["state_grad"] = (delta.state_grad(call, do, g_ht), rg.dh0)
+        # the dense transition of every document (v = 0 from the identity), twice: by final_state,
+        # and composed by final_state_and_transition (the SP summary). Checked at these lengths:
+        # over the 16K+ tokens that the default state segments need, it underflows to ~0 in fp32
         eye = torch.eye(K, device=DEV).expand(n, H, K, K).contiguous()
         zv = torch.zeros(B, T, H, K, device=DEV, dtype=dtype)
-        m = delta.final_state(Call(q, k, zv, g, beta, scale, cu_t), eye)
         _, rm = ref.forward(Call(d64(q), d64(k), zv.double(), d64(g), d64(beta), scale, cu_t), eye.double())
-        got["transition"] = (m, rm)
+        got["transition"] = (delta.final_state(Call(q, k, zv, g, beta, scale, cu_t), eye), rm)
+        sp_ht, sp_m = delta.final_state_and_transition(call, s0)
+        got.update({"summary_ht": (sp_ht, rht), "summary_transition": (sp_m, rm)})
     _sync()
     errs = {}
     for name, (a, b) in got.items():
@@ -142,12 +147,17 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
 
 def _cases(which: str):
     """core: the timed specialisation (B=1, H=16, T a multiple of 16, no h0 / dht), with the
-    state-only passes and the transition, and packed documents with h0 / dht; ext: the rest."""
+    state-only passes and the transition, and packed documents with h0 / dht; ext: the rest;
+    summaries: the cases of both variants with the state-only passes and the transition (for a
+    configuration that cuts them into segments: delta_rule's transition is the one that does not
+    underflow to ~0 over 8192 tokens)."""
     cu_long = [0, 5000, 5001, 9000]
     if SMOKE:
         return [("gated_delta_rule", 1, 128, 2, 16, 16, "float32", dict(h0=False, dht=False, passes=True)),
                 ("gated_delta_rule", 1, 300, 1, 16, 16, "float32",
                  dict(h0=True, dht=True, cu=[0, 1, 130, 300], passes=True, as_in_sp=True))][: 1 if which == "ext" else 2]
+    if which == "summaries":
+        return [c for c in _cases("core") + _cases("ext") if c[-1].get("passes")]
     if which == "core":
         return [
             ("gated_delta_rule", 1, 8192, 16, 128, 128, "bfloat16", dict(h0=False, dht=False, passes=True)),

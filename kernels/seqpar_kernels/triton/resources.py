@@ -32,9 +32,11 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
           torch.int64: "i64"}
 
 
-def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int) -> list:
+def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int, as_in_sp: bool = False) -> list:
     """(kernel, args, options) of every launch of one forward and one backward (as autograd runs
-    them: the backward takes what the forward kept, e.g. gla's A and the delta rules' T)."""
+    them: the backward takes what the forward kept, e.g. gla's A and the delta rules' T). as_in_sp
+    (delta rules): as one shard under SP instead, over several state segments (the summaries, with
+    the transition, before the kernels that reuse them)."""
     launches = []
     host, module = (delta, delta_kernels) if variant in check.DELTA else (gated, gated)
     kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.JITFunction)}
@@ -46,14 +48,19 @@ def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int) ->
         def __getitem__(self, grid):
             return lambda *args, **kw: launches.append((self.fn, args, kw))
 
-    x = random_inputs(variant, B=1, T=128, H=H, K=K, V=V, dtype=dtype, seed=0)
-    x.initial_state = x.initial_state.float()
+    T = 64 * (2 * delta.CONFIG["state_seg_chunks"] + 1) if as_in_sp else 128  # three segments
+    x = random_inputs(variant, B=1, T=T, H=H, K=K, V=V, dtype=dtype, seed=0)
+    h0, do = x.initial_state.float(), torch.zeros_like(x.v)
     call = replace(check.make_call(variant, x, None), memo={})  # one memo'd Call: the launches autograd makes
     try:
         for name, fn in kernels.items():
             setattr(module, name, Recorder(fn))
-        host.forward(call, x.initial_state)
-        host.backward(call, x.initial_state, torch.zeros_like(x.v), torch.zeros_like(x.initial_state))
+        if as_in_sp:
+            host.final_state_and_transition(call, None)
+        host.forward(call, h0)
+        if as_in_sp:
+            host.state_grad(call, do, None)
+        host.backward(call, h0, do, torch.zeros_like(h0))
     finally:
         for name, fn in kernels.items():
             setattr(module, name, fn)
@@ -98,6 +105,22 @@ def describe(kernel) -> str:
             f"HGMMA {len(re.findall(r'HGMMA', sass)):3d}  HMMA {len(re.findall(r'HMMA', sass)):3d}")
 
 
+def compile_all(variants, dtype: torch.dtype, K: int, V: int, H: int):
+    """Every distinct launch of the variants' forward and backward, and of the delta rules as one
+    shard under SP, compiled for sm_90: (JIT function, kernel, constexprs, options) per launch.
+    Compiling is what catches a branch that only a GPU build type-checks (the interpreter runs only
+    the branches taken)."""
+    seen = set()
+    for variant in variants:
+        for as_in_sp in (False, True) if variant in check.DELTA else (False,):
+            for fn, a, kw in record_launches(variant, dtype, K, V, H, as_in_sp):
+                key = (fn.__name__, repr(sorted(kw.items())),
+                       tuple(x.dtype if isinstance(x, torch.Tensor) else type(x) for x in a))
+                if key not in seen:
+                    seen.add(key)
+                    yield (fn, *compile_launch(fn, a, kw))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m seqpar_kernels.triton.resources", description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -105,18 +128,16 @@ def main(argv=None) -> int:
     p.add_argument("--V", type=int, default=128)
     p.add_argument("--H", type=int, default=16)
     args = p.parse_args(argv)
-    seen = set()
+    printed = set()
     # one per gate kind (lightning = simple_gla)
-    for variant in ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule"):
-        for fn, a, kw in record_launches(variant, getattr(torch, args.dtype), args.K, args.V, args.H):
-            kernel, constexprs, options = compile_launch(fn, a, kw)
-            flags = {k: v for k, v in constexprs.items() if k in FLAGS}
-            key = (fn.__name__, tuple(sorted(flags.items())), tuple(sorted(options.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            label = fn.__name__ + "".join(f" {k}={int(v) if isinstance(v, bool) else v}" for k, v in flags.items())
-            launch = f"warps {options.get('num_warps')} stages {options.get('num_stages')}"
+    for fn, kernel, constexprs, options in compile_all(("linear_attn", "simple_gla", "gla", "delta_rule",
+                                                        "gated_delta_rule"),
+                                                       getattr(torch, args.dtype), args.K, args.V, args.H):
+        flags = {k: v for k, v in constexprs.items() if k in FLAGS}
+        label = fn.__name__ + "".join(f" {k}={int(v) if isinstance(v, bool) else v}" for k, v in flags.items())
+        launch = f"warps {options.get('num_warps')} stages {options.get('num_stages')}"
+        if (label, launch) not in printed:
+            printed.add((label, launch))
             print(f"{label:62s} {launch}  {describe(kernel)}", flush=True)
     return 0
 
