@@ -36,7 +36,7 @@ FP32 = 4
 
 MiB = 1 << 20
 DEFAULT_CALIBRATION: dict = {
-    "name": "2xH200 (NV18 NVLink), NCCL 2.28.9, DESIGN.md sections 7-8",
+    "name": "2xH200 (NV18 NVLink), NCCL 2.28.9, DESIGN.md sections 7-8; SP summaries measured (runs 3, 11)",
     "links": {
         # Fallbacks where an operation has no measurement at a level.
         "intra": {"alpha_us": 30.0, "bandwidth_GBps": 250.0,
@@ -63,10 +63,14 @@ DEFAULT_CALIBRATION: dict = {
     "sp": {
         "fwd_fraction": 1 / 3,
         "overlap_window": 0.5,
-        "summary_fraction": {"scalar": 0.02, "diagonal": 0.03, "dense": 0.25},
-        "note": "estimates, to be replaced by seqpar bench sp breakdowns: the forward's share of kernel time; the "
-                "share of each kernel pass that runs before it needs the exchanged state (the overlap window); "
-                "the SP-only state passes as a share of the kernel's fwd+bwd time, per transition family",
+        # measured: scalar and diagonal by `seqpar bench sp` on two H200s (run 3, medians of 34 and 6
+        # rows); dense by `delta_tune --sp` on one H100 (runs 11, 12a: the delta rules' summaries since
+        # the kernel after them reuses their pass; run 3, before that change, measured 0.20)
+        "summary_fraction": {"scalar": 0.018, "diagonal": 0.001, "dense": 0.10},
+        "note": "fwd_fraction and overlap_window are estimates: the forward's share of kernel time; the share of "
+                "each kernel pass that runs before it needs the exchanged state. summary_fraction, the SP-only "
+                "state passes as a share of the kernel's fwd+bwd time per transition family, is measured "
+                "(docs/cost_model.md)",
     },
 }
 
