@@ -14,7 +14,7 @@ A group of None means "no group": only valid when torch.distributed is not runni
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -63,9 +63,6 @@ class ParallelContext:
     tp_size = property(lambda self: _size(self.tp_group))
     tp_rank = property(lambda self: _rank(self.tp_group))
     dp_size = property(lambda self: _size(self.dp_group))
-
-    def with_(self, **changes) -> "ParallelContext":
-        return replace(self, **changes)
 
     def describe(self) -> str:
         return (f"SP={self.sp_size} ({self.layout}, linear {self.linear_method}, softmax {self.softmax_method}) "

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from seqpar.bench import comm as bench_comm
 from seqpar.testing import run_cli
 
@@ -21,6 +24,15 @@ def test_bench_sp_smoke(tmp_path):
     for r in rows:
         assert r["sp_ms"] > 0 and r["single_ms"] > 0 and r["efficiency"] > 0
         assert r["local_kernel_ms"] > 0 and r["scan_ms"] > 0
+
+
+def test_bench_sp_cuda_graph_needs_gpus():
+    from seqpar.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CPU-only check")
+    with pytest.raises(SystemExit, match="--cuda-graph captures CUDA graphs and needs GPUs"):
+        main(["bench", "sp", "--cuda-graph"])
 
 
 def test_bench_sp_host_smoke(tmp_path):

@@ -11,7 +11,8 @@ gradient and for the delta rules the dense transition add to the kernel when run
 call's order, sharing work through Call.memo), and the scan's collectives alone; what
 the SP call costs beyond kernel + state passes is reported as `exposed` (communication not
 hidden, plus glue), and `host` is the time the host takes to issue the call (the GPU waits for
-the host where it comes near the SP time). With --check, each configuration is first compared
+the host where it comes near the SP time; --cuda-graph also times both calls replayed from CUDA
+graphs, which takes the host out). With --check, each configuration is first compared
 with the single-device kernel on the whole sequence (outputs, final state, every gradient).
 With fla-core installed, fla's own context-parallel Gated DeltaNet is timed in the same run as
 the anchor (its efficiency measured the same way).
@@ -33,7 +34,7 @@ from seqpar_kernels.backends import resolve
 from seqpar_kernels.explicit import Call, explicit_kernel
 from seqpar_kernels.testing import random_inputs, rel_err
 
-from .timing import host_ms, init_distributed, kernel_breakdown, median_ms, start_together
+from .timing import graphed, host_ms, init_distributed, kernel_breakdown, median_ms, start_together, sync
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -56,6 +57,9 @@ def configure(parser) -> None:
     parser.add_argument("--no-fla", action="store_true", help="skip fla's context-parallel anchor")
     parser.add_argument("--profile", action="store_true",
                         help="record every kernel's device time in one SP call per row (CUDA; torch.profiler)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time the plain and the SP forward+backward replayed from CUDA graphs (GPUs): "
+                             "the efficiency without the host's per-launch work")
     parser.add_argument("--out", default="sp_bench.json", help="JSON output (written by rank 0)")
     parser.set_defaults(func=main)
 
@@ -150,6 +154,23 @@ def _breakdown(variant, x, do, method, layout, backend_name, slices, device, arg
     }
 
 
+def _graph_times(plain, run, x, device, args) -> dict:
+    """The plain and the SP forward+backward replayed from CUDA graphs, and how far the replayed
+    SP call's gradients are from an eager call's (the replay must compute the same thing)."""
+    plain_graph = graphed(plain, device, args.warmup)
+    t_plain = median_ms(plain_graph.replay, device, args.warmup, args.repeat)
+    del plain_graph  # its memory pool
+    sp_graph = graphed(run, device, args.warmup)
+    replayed = {n: t.grad for n, t in x.items() if t.grad is not None}  # the graph writes these
+    run()
+    eager = {n: t.grad.clone() for n, t in x.items() if t.grad is not None}
+    t_sp = median_ms(sp_graph.replay, device, args.warmup, args.repeat)
+    sync(device)
+    err = max(rel_err(replayed[n].float(), eager[n].float()) for n in eager)
+    return {"single_graph_ms": t_plain, "sp_graph_ms": t_sp, "efficiency_graph": t_plain / t_sp,
+            "graph_vs_eager_rel_err": err}
+
+
 def _check(variant, method, layout, backend, args, device, dtype) -> dict:
     """SP on P x T tokens against the single-device kernel on the whole sequence (same backend)."""
     P = C.size()
@@ -229,6 +250,8 @@ def _fla_anchor(t_local, args, device, dtype):
 
 
 def main(args) -> int:
+    if args.cuda_graph and not torch.cuda.is_available():
+        raise SystemExit("seqpar bench sp: --cuda-graph captures CUDA graphs and needs GPUs; drop it on the CPU")
     device = init_distributed()
     P, rank = C.size(), C.rank()
     dtype = DTYPES[args.dtype]
@@ -271,6 +294,8 @@ def main(args) -> int:
                            "single_ms": t_single, "sp_ms": t_sp, "efficiency": t_single / t_sp,
                            **parts, "exposed_ms": exposed,
                            "single_host_ms": host_single, "host_ms": host_ms(run, device, args.repeat)}
+                    if args.cuda_graph:
+                        row.update(_graph_times(plain, run, single, device, args))
                     if args.profile and device.type == "cuda":
                         # compute kernels summed against sp_ms: the rest is the GPU idle; NCCL kernels are
                         # listed apart (their time includes waiting for the other rank)
@@ -286,8 +311,10 @@ def main(args) -> int:
                         print(f"{variant:17s} {method:6s} {layout:10s} T_local={t_local:>7d} single {t_single:8.2f} ms"
                               f"  SP {t_sp:8.2f} ms  eff {row['efficiency']:.3f}  kernel {parts['local_kernel_ms']:.2f}"
                               f"  state {parts['state_passes_ms']:.2f}  scan {parts['scan_ms']:.3f}"
-                              f"  exposed {exposed:.2f}  host {row['host_ms']:.2f} (single {host_single:.2f})",
-                              flush=True)
+                              f"  exposed {exposed:.2f}  host {row['host_ms']:.2f} (single {host_single:.2f})"
+                              + (f"  graphs: single {row['single_graph_ms']:.2f} SP {row['sp_graph_ms']:.2f} eff "
+                                 f"{row['efficiency_graph']:.3f} (vs eager {row['graph_vs_eager_rel_err']:.1e})"
+                                 if args.cuda_graph else ""), flush=True)
             del single, do
         if not args.no_fla and device.type == "cuda":
             rows = _fla_anchor(t_local, args, device, dtype) or []

@@ -60,6 +60,24 @@ def median_ms(fn, device: torch.device, warmup: int = 3, repeat: int = 10) -> fl
     return _slowest_median(times, device)
 
 
+def graphed(fn, device: torch.device, warmup: int = 3):
+    """fn() captured once in a CUDA graph, whose replay() runs it again without the host's
+    per-launch work (into the tensors the capture allocated). The warm-up calls before the capture
+    compile every kernel and build every cache outside it (fn must not read results on the host).
+    Every rank captures the same collectives, so the replays are collective too."""
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: NCCL's watchdog thread queries events while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph
+
+
 def host_ms(fn, device: torch.device, repeat: int = 10) -> float:
     """Median milliseconds the host takes to issue fn() onto an idle GPU (no synchronisation at
     the end). Near the GPU time of fn, the GPU waits for the host: the call is launch-bound."""

@@ -40,10 +40,6 @@ class Plan:
     local_cu: tuple[int, ...] | None  # boundaries of the kernel sequences (varlen), else None
 
     @property
-    def chain_rows(self) -> int:
-        return len(self.first[0])
-
-    @property
     def needs_transitions(self) -> bool:
         """Whether any local shard's transition enters the scan (ShardChain.inner)."""
         return any(self.chain.inner(p) for p in self.positions)
