@@ -103,13 +103,20 @@ def test_efficiency_bounds_overlap_and_scaling():
     assert on.predict("zeco", 1).efficiency == 1.0
 
 
+def _default_kernel_s(variant: str, tokens: int) -> float:
+    return next(k["fwd_bwd_s"] for k in M.DEFAULT_CALIBRATION["kernels"]
+                if k["variant"] == variant and k["tokens"] == tokens)
+
+
 def test_kernel_time_interpolation_proxy_and_scaling():
     cal = M.load_calibration()
-    assert M.kernel_time(cal, "gla", 65536, 16, 128, 128)[0] == pytest.approx(14.5e-3)
-    # between 16K (4.0 ms) and 64K (14.5 ms), log-log: 4.0 * (14.5 / 4.0) ** 0.5 at 32K
-    assert M.kernel_time(cal, "gla", 32768, 16, 128, 128)[0] == pytest.approx(4.0e-3 * (14.5 / 4.0) ** 0.5)
-    s, src = M.kernel_time(cal, "linear_attn", 65536, 8, 128, 128)
-    assert s == pytest.approx(5.9e-3 / 2) and "proxy" in src
+    s16, s64 = _default_kernel_s("gla", 16384), _default_kernel_s("gla", 65536)
+    assert M.kernel_time(cal, "gla", 65536, 16, 128, 128)[0] == pytest.approx(s64)
+    # between 16K and 64K, log-log: halfway in log(T) at 32K
+    assert M.kernel_time(cal, "gla", 32768, 16, 128, 128)[0] == pytest.approx(s16 * (s64 / s16) ** 0.5)
+    # lightning has no measurement: simple_gla's (same transition family), at half the heads
+    s, src = M.kernel_time(cal, "lightning", 65536, 8, 128, 128)
+    assert s == pytest.approx(_default_kernel_s("simple_gla", 65536) / 2) and "proxy" in src
     per_token = M.Model(M.Problem(variant="gla"), M.build_machine(cal), cal, kernel_us_per_token=0.2)
     assert per_token.kernel_s(65536, 16) == pytest.approx(0.2e-6 * 65536)
     assert per_token.predict("a2a", 4).sp_compute_s == pytest.approx(0.0, abs=1e-12)  # linear in tokens and heads
@@ -148,7 +155,7 @@ def test_calibration_file_overrides(tmp_path):
     default = M.build_machine(M.load_calibration())
     assert machine.link("intra", "all_gather") == default.link("intra", "all_gather")  # untouched group kept
     assert M.kernel_time(cal, "gla", 65536, 16, 128, 128)[0] == pytest.approx(10e-3)
-    assert M.kernel_time(cal, "simple_gla", 65536, 16, 128, 128)[0] == pytest.approx(5.9e-3)
+    assert M.kernel_time(cal, "simple_gla", 65536, 16, 128, 128)[0] == pytest.approx(_default_kernel_s("simple_gla", 65536))
 
     out, png = tmp_path / "m.json", tmp_path / "m.png"
     assert seqpar_main(["bench", "model", "--calibration", str(path), "--P", "2", "16", "256",

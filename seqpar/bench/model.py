@@ -36,7 +36,7 @@ FP32 = 4
 
 MiB = 1 << 20
 DEFAULT_CALIBRATION: dict = {
-    "name": "2xH200 (NV18 NVLink), NCCL 2.28.9, DESIGN.md sections 7-8; SP summaries measured (runs 3, 11)",
+    "name": "2xH200 (NV18 NVLink), NCCL 2.28.9, DESIGN.md section 7; kernels and SP summaries measured (runs 3, 11, 12)",
     "links": {
         # Fallbacks where an operation has no measurement at a level.
         "intra": {"alpha_us": 30.0, "bandwidth_GBps": 250.0,
@@ -53,11 +53,15 @@ DEFAULT_CALIBRATION: dict = {
         {"op": "p2p", "level": "intra", "world_size": 2, "bytes_per_rank": 1 * MiB, "seconds": 0.11e-3},
         {"op": "all_to_all", "level": "intra", "world_size": 2, "bytes_per_rank": 1024 * MiB, "seconds": 1.65e-3},
     ],
-    "kernels": [  # DESIGN.md section 8: fla 0.6.0 on one H200, bf16, B=1, H=16, K=V=128, fwd+bwd
+    "kernels": [  # seqpar's Triton kernels on one H200 (`seqpar bench kernels`, runs 12d/12e), bf16,
+        # B=1, H=16, K=V=128, fwd+bwd: the kernel the SP call runs, so the work that hides its exchange
         *({"variant": v, "tokens": t, "heads": 16, "head_dim_k": 128, "head_dim_v": 128, "fwd_bwd_s": ms * 1e-3}
-          for v, times in (("simple_gla", (2.1, 5.9, 22.2)), ("gla", (4.0, 14.5, 57.4)),
-                           ("gated_delta_rule", (3.7, 11.4, 43.1)))
-          for t, ms in zip((16384, 65536, 262144), times)),
+          for v, times in (("linear_attn", ((16384, 1.20), (65536, 3.46), (262144, 13.87))),
+                           ("simple_gla", ((16384, 1.26), (65536, 4.61), (262144, 18.37))),
+                           ("gla", ((16384, 3.63), (65536, 13.83), (262144, 54.96))),
+                           ("delta_rule", ((65536, 6.37), (262144, 25.37))),
+                           ("gated_delta_rule", ((65536, 7.42), (262144, 29.52))))
+          for t, ms in times),
     ],
     "device": {"hbm_GBps": 4800.0, "fp32_TFLOPS": 67.0, "note": "H200 spec sheet (for the state folds)"},
     "sp": {
