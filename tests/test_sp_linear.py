@@ -171,18 +171,20 @@ def memo_handover(rank, P):
     from seqpar_kernels.triton import delta
 
     kept = {}
-    for variant in ["gla", "gated_delta_rule", "gated_delta_rule/segments"]:
-        if variant.endswith("/segments"):  # each half shard two segments of one chunk
+    # (case, variant, tokens per rank); the last with state segments of one chunk: each half shard two
+    for case, variant, t_rank in [("gla", "gla", 64), ("gated_delta_rule", "gated_delta_rule", 64),
+                                  ("gated_delta_rule/segments", "gated_delta_rule", 256)]:
+        if case.endswith("/segments"):
             delta.CONFIG["state_seg_chunks"] = 1
-        x = random_inputs(variant.split("/")[0], B=1, T=256 * P if "/" in variant else 64 * P, H=1, K=16, V=16,
-                          dtype=torch.float32, initial_state=False, seed=3)
+        x = random_inputs(variant, B=1, T=t_rank * P, H=1, K=16, V=16, dtype=torch.float32, initial_state=False,
+                          seed=3)
         leaves = {n: sp.shard(t, None, "zigzag").requires_grad_() for n, t in x.tensors().items()}
-        o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant.split("/")[0],
-                                   g=leaves.get("g"), beta=leaves.get("beta"), layout="zigzag", backend="triton")
+        o, _ = sp.linear_attention(leaves["q"], leaves["k"], leaves["v"], variant=variant, g=leaves.get("g"),
+                                   beta=leaves.get("beta"), layout="zigzag", backend="triton")
         # saved for the backward (through save_for_backward), left in the memo, left after the backward
         saved, left = sorted(o.grad_fn.memo_keys), sorted(o.grad_fn.memo)
         o.sum().backward()
-        kept[variant] = (saved, left, sorted(o.grad_fn.memo))
+        kept[case] = (saved, left, sorted(o.grad_fn.memo))
     return kept
 
 

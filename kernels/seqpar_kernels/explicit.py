@@ -142,6 +142,19 @@ def hand_over(memo: dict | None, key, x: torch.Tensor) -> None:
         memo[key] = (None, x)
 
 
+def run_as_in_sp(kernel, call: Call, do, h0=None, dht=None, transition: bool = False):
+    """One shard's forward and backward in the order the SP call issues them
+    (seqpar.sp.linear_attention), on one memo shared from forward to backward as autograd shares
+    it: the summary (the final state from zero, with the dense transition where a later shard needs
+    it), the kernel from the incoming state h0, the summary's gradient pass from zero, the kernel's
+    backward from dht. kernel: anything with the entry points above. Returns (o, ht, Grads)."""
+    call = replace(call, memo={})
+    (kernel.final_state_and_transition if transition else kernel.final_state)(call, None)
+    o, ht = kernel.forward(call, h0)
+    kernel.state_grad(call, do, None)
+    return o, ht, kernel.backward(call, h0, do, dht)
+
+
 def save_with_memo(ctx, memo: dict | None, *tensors) -> None:
     """ctx.save_for_backward(*tensors) and the tensors a kernel's forward left in `memo` for its
     backward (gla's intra-chunk matrix, the delta rules' WY inverse). Kept in ctx.memo instead they

@@ -31,10 +31,10 @@ from seqpar.comm import Family, StateScan
 from seqpar.comm import collectives as C
 from seqpar.sp.plan import make_plan
 from seqpar_kernels.backends import resolve
-from seqpar_kernels.explicit import Call, explicit_kernel
+from seqpar_kernels.explicit import Call, explicit_kernel, run_as_in_sp
 from seqpar_kernels.testing import random_inputs, rel_err
 
-from .timing import graphed, host_ms, init_distributed, kernel_breakdown, median_ms, start_together, sync
+from .timing import graphed, host_ms, init_distributed, kernel_breakdown, median_ms, start_together
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -115,24 +115,16 @@ def _breakdown(variant, x, do, method, layout, backend_name, slices, device, arg
     h0 = torch.randn(B, H, K, V, device=device) * 0.1
     dht = torch.randn(B, H, K, V, device=device) * 0.1
 
-    def local_kernel():
-        kernel.forward(call, h0)
-        kernel.backward(call, h0, do, dht)
+    def local_kernel():  # as autograd runs it: the backward takes what the forward kept
+        c = replace(call, memo={})
+        kernel.forward(c, h0)
+        kernel.backward(c, h0, do, dht)
 
     plan = make_plan(layout, C.rank(), C.size(), B, T, None)
+    transition = var.transition == "dense" and plan.needs_transitions
 
     def kernels_as_in_sp():
-        # the SP call's order on one Call (its memo shares the start-independent work): the
-        # summary pass, then the kernel; the same backward
-        c = replace(call, memo={})
-        if var.transition == "dense" and plan.needs_transitions:
-            kernel.final_state_and_transition(c, h0)
-        else:
-            kernel.final_state(c, h0)
-        kernel.forward(c, h0)
-        c = replace(call, memo={})
-        kernel.state_grad(c, do, dht)
-        kernel.backward(c, h0, do, dht)
+        run_as_in_sp(kernel, call, do, h0, dht, transition)
 
     fam = Family(var.transition)
     n_local = plan.n_local
@@ -164,8 +156,7 @@ def _graph_times(plain, run, x, device, args) -> dict:
     replayed = {n: t.grad for n, t in x.items() if t.grad is not None}  # the graph writes these
     run()
     eager = {n: t.grad.clone() for n, t in x.items() if t.grad is not None}
-    t_sp = median_ms(sp_graph.replay, device, args.warmup, args.repeat)
-    sync(device)
+    t_sp = median_ms(sp_graph.replay, device, args.warmup, args.repeat)  # ends synchronised
     err = max(rel_err(replayed[n].float(), eager[n].float()) for n in eager)
     return {"single_graph_ms": t_plain, "sp_graph_ms": t_sp, "efficiency_graph": t_plain / t_sp,
             "graph_vs_eager_rel_err": err}

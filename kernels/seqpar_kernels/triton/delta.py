@@ -197,17 +197,17 @@ def _layout(call: Call) -> _Layout:
     V = v.shape[-1]
     if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
         raise InputError(f"the Triton delta-rule kernels support head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}")
-    g = call.g
+    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+    g = flat(call.g) if call.g is not None else None
     if g is None and max(K, V) > CONFIG["zero_gate_above"]:
         # the ungated chains above 128 hit an illegal memory access on an H100 (Triton 3.6), the gated
         # ones pass: delta_rule runs as gated_delta_rule with a zero gate (its gradient dropped)
-        g = q.new_zeros(B, T, H, dtype=torch.float32)
-    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()  # noqa: E731
+        g = _zeros(B * T, H, q.device)
     bounds = call.boundaries()
     cu, idx, n_chunks = _chunk_plan(bounds, q.device)
     varlen = call.cu_seqlens is not None
     NT = 0 if varlen else -(-T // CHUNK)
-    return _Layout(flat(q), flat(k), flat(v), flat(call.beta), flat(g) if g is not None else None,
+    return _Layout(flat(q), flat(k), flat(v), flat(call.beta), g,
                    call.scale, B, T, H, K, V, len(bounds) - 1, NT, n_chunks, cu, idx, varlen, bounds)
 
 
@@ -299,7 +299,7 @@ def _pass(L: _Layout, wy: _WY, sg: _Segments, *, forward=False, reverse=False, f
 
 
 def _zeros(rows: int, H: int, device) -> torch.Tensor:
-    """A zero cumulative gate (fp32 [rows, H]), made once per shape and never written."""
+    """A zero gate (fp32 [rows, H]; zero cumulated too), made once per shape and never written."""
     return _cached(("zeros", rows, H, device), lambda: torch.zeros(rows, H, dtype=torch.float32, device=device))
 
 

@@ -96,10 +96,10 @@ def _inputs(variant, B, T, H, K, V, dtype, *, h0, cu=None, seed=0):
 def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, seed=0, passes=False,
                 as_in_sp=False):
     """Errors of every output of one call against the float64 reference; as_in_sp: the same
-    outputs again as one shard under SP computes them (_as_in_sp: the kernel after the summaries)."""
+    outputs again as one shard under SP computes them (run_as_in_sp: the kernel after the summaries)."""
     import torch
 
-    from seqpar_kernels.explicit import Call, TorchKernel
+    from seqpar_kernels.explicit import Call, TorchKernel, run_as_in_sp
     from seqpar_kernels.testing import rel_err
 
     dtype = getattr(torch, dtype_name)
@@ -121,7 +121,7 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     if g is not None:
         got["dg"] = (gr.dg, rg.dg)
     if as_in_sp:
-        so, sht, sgr = _as_in_sp(delta, call, do, s0, g_ht, transition=True)
+        so, sht, sgr = run_as_in_sp(delta, call, do, s0, g_ht, transition=True)
         got.update({"sp_o": (so, ro), "sp_ht": (sht, rht), "sp_dq": (sgr.dq, rg.dq), "sp_dk": (sgr.dk, rg.dk),
                     "sp_dv": (sgr.dv, rg.dv), "sp_dbeta": (sgr.dbeta, rg.dbeta), "sp_dh0": (sgr.dh0, rg.dh0)})
         if g is not None:
@@ -245,31 +245,16 @@ def _fwdbwd(delta, call, do, h0=None, dht=None):
     return o, ht, delta.backward(call, h0, do, dht)
 
 
-def _as_in_sp(delta, call, do, h0, dht, transition):
-    """One shard's forward+backward as the SP call runs it (seqpar.sp.linear_attention), on one
-    memo'd Call: the summary pass (the final state from zero, with the dense transition where a
-    later shard needs it), the kernel from the incoming state, the summary's gradient pass, the
-    kernel backward. Over `_fwdbwd` with the same h0 / dht, the state passes' cost under SP."""
-    call = replace(call, memo={})
-    if transition:
-        delta.final_state_and_transition(call, None)
-    else:
-        delta.final_state(call, None)
-    o, ht = delta.forward(call, h0)
-    delta.state_grad(call, do, None)
-    return o, ht, delta.backward(call, h0, do, dht)
-
-
 MEASURES = ("fwd", "fwdbwd", "final_state", "state_grad")
 
 
 def time_config(delta, variant, T, with_fla=False, measures=MEASURES):
     """Median ms of each measure: fwd, fwdbwd (no h0 / dht, as fla is timed), final_state,
     state_grad; shard (fwdbwd with h0 and dht, a shard under SP), sp and sp_m (the same in the SP
-    call's order, without and with the dense transition: see _as_in_sp)."""
+    call's order, without and with the dense transition: see run_as_in_sp)."""
     import torch
 
-    from seqpar_kernels.explicit import Call
+    from seqpar_kernels.explicit import Call, run_as_in_sp
 
     H, D, dt = (2, 16, torch.float32) if SMOKE else (16, 128, torch.bfloat16)
     q, k, v, g, beta, _, _ = _inputs(variant, 1, T, H, D, D, dt, h0=False, seed=T)
@@ -284,8 +269,8 @@ def time_config(delta, variant, T, with_fla=False, measures=MEASURES):
         "final_state": lambda: delta.final_state(call, None),
         "state_grad": lambda: delta.state_grad(call, do, None),
         "shard": lambda: _fwdbwd(delta, call, do, h0, dht),
-        "sp": lambda: _as_in_sp(delta, call, do, h0, dht, False),
-        "sp_m": lambda: _as_in_sp(delta, call, do, h0, dht, True),
+        "sp": lambda: run_as_in_sp(delta, call, do, h0, dht, False),
+        "sp_m": lambda: run_as_in_sp(delta, call, do, h0, dht, True),
     }
     for m in measures:
         res[m] = _bench(fns[m])
@@ -312,19 +297,19 @@ def time_config(delta, variant, T, with_fla=False, measures=MEASURES):
 
 def breakdown(delta, variant, T, as_in_sp=False):
     """CUDA time per kernel name over one forward+backward (torch.profiler); as_in_sp: of one shard
-    in the SP call's order with the transition (_as_in_sp), every launch in order, as
+    in the SP call's order with the transition (run_as_in_sp), every launch in order, as
     [name, ms] (the summary passes and the kernel launch the same kernels)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from seqpar_kernels.explicit import Call
+    from seqpar_kernels.explicit import Call, run_as_in_sp
 
     H, D, dt = (2, 16, torch.float32) if SMOKE else (16, 128, torch.bfloat16)
     q, k, v, g, beta, _, _ = _inputs(variant, 1, T, H, D, D, dt, h0=False, seed=1)
     call = Call(q, k, v, g, beta, D ** -0.5)
     do = torch.randn_like(v)
     h0, dht = (0.1 * torch.randn(1, H, D, D, device=DEV) for _ in range(2))
-    run = (lambda: _as_in_sp(delta, call, do, h0, dht, True)) if as_in_sp else (lambda: _fwdbwd(delta, call, do))
+    run = (lambda: run_as_in_sp(delta, call, do, h0, dht, True)) if as_in_sp else (lambda: _fwdbwd(delta, call, do))
     iters = 1 if as_in_sp else 3
     for _ in range(2):
         run()

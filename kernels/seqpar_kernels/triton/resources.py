@@ -23,6 +23,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from ..explicit import run_as_in_sp
 from ..testing import random_inputs
 from . import check, delta, delta_kernels, gated
 
@@ -56,11 +57,10 @@ def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int, as
         for name, fn in kernels.items():
             setattr(module, name, Recorder(fn))
         if as_in_sp:
-            host.final_state_and_transition(call, None)
-        host.forward(call, h0)
-        if as_in_sp:
-            host.state_grad(call, do, None)
-        host.backward(call, h0, do, torch.zeros_like(h0))
+            run_as_in_sp(host, call, do, h0, torch.zeros_like(h0), transition=True)
+        else:
+            host.forward(call, h0)
+            host.backward(call, h0, do, torch.zeros_like(h0))
     finally:
         for name, fn in kernels.items():
             setattr(module, name, fn)
