@@ -110,10 +110,10 @@ def _default_kernel_s(variant: str, tokens: int) -> float:
 
 def test_kernel_time_interpolation_proxy_and_scaling():
     cal = M.load_calibration()
-    s16, s64 = _default_kernel_s("gla", 16384), _default_kernel_s("gla", 65536)
+    s64, s256 = _default_kernel_s("gla", 65536), _default_kernel_s("gla", 262144)
     assert M.kernel_time(cal, "gla", 65536, 16, 128, 128)[0] == pytest.approx(s64)
-    # between 16K and 64K, log-log: halfway in log(T) at 32K
-    assert M.kernel_time(cal, "gla", 32768, 16, 128, 128)[0] == pytest.approx(s16 * (s64 / s16) ** 0.5)
+    # between 64K and 256K, log-log: halfway in log(T) at 128K
+    assert M.kernel_time(cal, "gla", 131072, 16, 128, 128)[0] == pytest.approx(s64 * (s256 / s64) ** 0.5)
     # lightning has no measurement: simple_gla's (same transition family), at half the heads
     s, src = M.kernel_time(cal, "lightning", 65536, 8, 128, 128)
     assert s == pytest.approx(_default_kernel_s("simple_gla", 65536) / 2) and "proxy" in src

@@ -55,14 +55,17 @@ BLOCK = 16  # sub-chunk of the per-key intra-chunk products
 # BK and BV are caps: smaller head dimensions take their own (power-of-two) width. Chosen from the
 # sm_90 compiler's resource report (Triton 3.6): no register spills, two or more programs per SM
 # where the tiles allow; then by GPU timing: the per-key state and intra tiles won the H100 tile
-# sweep of docs/performance.md (intra at BK=64 spills 40-64 B and is still 0.6 ms faster at 64K).
+# sweep of docs/performance.md (intra at BK=64 spills 40-64 B and is still 0.6 ms faster at 64K);
+# the H200's sweep (run 13) then moved dq/dk of ungated and scalar-gated calls to 4 warps (scalar:
+# spills 240 B and is still 0.6 ms faster; 3 stages helps only ungated calls) and the per-key
+# output/dv to 4 warps, 3 stages; all three are faster on the H100 too.
 # SEQPAR_GATED_TILES='{"out:2": [32, 64, 4, 2]}' overrides entries, for tuning runs: every setting
 # used must pass the GPU check.
 TILES = {
     "state": {0: (64, 64, 4, 3), 1: (64, 64, 4, 3), 2: (32, 128, 4, 3)},
-    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
-    "dqk": {0: (64, 64, 8, 2), 1: (64, 64, 8, 2), 2: (32, 64, 8, 2)},
-    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 8, 2)},
+    "out": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 4, 3)},
+    "dqk": {0: (64, 64, 4, 3), 1: (64, 64, 4, 2), 2: (32, 64, 8, 2)},
+    "dv": {0: (64, 128, 8, 2), 1: (64, 128, 8, 2), 2: (32, 128, 4, 3)},
     "intra": {2: (64, 64, 4, 2)},  # per-key A (BK) and, backward, dA (BV)
 }
 for _key, _val in json.loads(os.environ.get("SEQPAR_GATED_TILES", "{}")).items():
@@ -634,7 +637,7 @@ class _Setup:
 
     def tiles(self, kernel: str) -> tuple[int, int, dict]:
         """(BK, BV, launch options) of a kernel for this call."""
-        return _tiles(kernel, self.gate, self.K, self.V)
+        return _tiles(kernel, self.gate, self.K, self.V, self.state_dtype == torch.float32)
 
     def empty(self, *shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device=self.dev)
@@ -717,8 +720,10 @@ class _Setup:
 # what a call's shapes fix, cached: working it out again costs the host more than a launch
 
 @functools.lru_cache(maxsize=256)
-def _tiles(kernel: str, gate: int, K: int, V: int) -> tuple[int, int, dict]:
+def _tiles(kernel: str, gate: int, K: int, V: int, fp32_states: bool) -> tuple[int, int, dict]:
     bk, bv, warps, stages = TILES[kernel][gate]
+    if fp32_states:  # (fp16 and fp32 inputs) twice the bytes per state tile: dq/dk at 3 stages would
+        stages = min(stages, 2)  # need 250-290 KB of shared memory, sm_90 has 227 KB
     return tile(K, bk), tile(V, bv), {"num_warps": warps, "num_stages": stages}
 
 
@@ -728,7 +733,7 @@ def _chunking(boundaries: tuple, H: int, K: int, V: int, gate: int, device, segm
     """(chunks per segment, the chunk/segment plan) of sequences with these token boundaries."""
     bounds = list(zip(boundaries, boundaries[1:]))
     if segment_chunks is None:
-        bk, bv, _ = _tiles("state", gate, K, V)
+        bk, bv, _ = _tiles("state", gate, K, V, False)  # the widths only, which the dtype does not change
         total = sum(cdiv(e - s, CHUNK) for s, e in bounds)
         segment_chunks = default_segment_chunks(total, H * cdiv(K, bk) * cdiv(V, bv), device)
     return segment_chunks, make_plan(bounds, device, CHUNK, segment_chunks)
