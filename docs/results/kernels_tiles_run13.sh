@@ -44,3 +44,12 @@ done
 ## tiles4
 # old|linear_attn simple_gla gla|{"dqk:0":[64,64,8,2],"dqk:1":[64,64,8,2],"out:2":[32,128,8,2],"dv:2":[32,128,8,2]}
 # new|linear_attn simple_gla gla|{}
+## tiles5 (run 13i)
+# base|gla|{}
+# k16w4|gla|{"dqk:2":[16,64,4,2]}
+# k16w8|gla|{"dqk:2":[16,64,8,2]}
+# k16v128w4|gla|{"dqk:2":[16,128,4,2]}
+# k16w4s3|gla|{"dqk:2":[16,64,4,3]}
+# k32v32w8|gla|{"dqk:2":[32,32,8,2]}
+# k32v32w4|gla|{"dqk:2":[32,32,4,2]}
+# k32v128w8|gla|{"dqk:2":[32,128,8,1]}
