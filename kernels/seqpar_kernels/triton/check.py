@@ -170,6 +170,7 @@ def gpu_cases(variants, quick: bool = False, smoke: bool = False) -> list[Case]:
             Case(v, 1, 4099, 4, 128, 128, "bfloat16", n_docs=5),
             Case(v, 1, 777, 2, 256, 256, "bfloat16", h0=False, dht=False),
             Case(v, 2, 515, 2, 128, 64, "float16"),
+            Case(v, 1, 700, 2, 128, 128, "float16", n_docs=2),  # V loops of several tiles, fp32 states
             Case(v, 1, 1283, 2, 128, 128, "float32", n_docs=3),
         ]
         if not quick:
