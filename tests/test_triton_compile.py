@@ -1,6 +1,6 @@
-"""Every Triton launch of every variant (forward, backward, and the delta rules as one shard under
-SP, over several state segments) compiles for Hopper (sm_90) with the installed Triton, without a
-GPU, in each input dtype, and fits sm_90's shared memory.
+"""Every kind of Triton launch (resources.VARIANTS' forward and backward, and the delta rules as one
+shard under SP, over several state segments) compiles for Hopper (sm_90) with the installed Triton,
+without a GPU, in each input dtype, and fits sm_90's shared memory.
 The interpreter tests run only the branches a launch takes; a GPU build type-checks every branch of
 a launch's kernel, and a branch that is never run can still fail to compile (as the reverse chain
 did in a forward-only launch, before state_pass chose it at compile time). Launch settings chosen
@@ -21,9 +21,8 @@ pytest.importorskip("triton")
 SCRIPT = """
 import json, torch
 from seqpar_kernels.triton import resources
-variants = ("linear_attn", "lightning", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    for fn, kernel, constexprs, options in resources.compile_all(variants, dtype, 128, 128, 2):
+    for fn, kernel, constexprs, options in resources.compile_all(resources.VARIANTS, dtype, 128, 128, 2):
         print(json.dumps({"dtype": str(dtype), "kernel": fn.__name__, "delta": fn.__module__.endswith("delta_kernels"),
                           "options": options, "shared": kernel.metadata.shared}))
 """

@@ -142,6 +142,15 @@ def hand_over(memo: dict | None, key, x: torch.Tensor) -> None:
         memo[key] = (None, x)
 
 
+def run_as_autograd(kernel, call: Call, do, h0=None, dht=None):
+    """The kernel's forward and backward as the autograd function runs them: on one memo, so the
+    backward takes what the forward kept (gla's intra-chunk matrix, the delta rules' WY inverse).
+    kernel: anything with the entry points above. Returns (o, ht, Grads)."""
+    call = replace(call, memo={})
+    o, ht = kernel.forward(call, h0)
+    return o, ht, kernel.backward(call, h0, do, dht)
+
+
 def run_as_in_sp(kernel, call: Call, do, h0=None, dht=None, transition: bool = False):
     """One shard's forward and backward in the order the SP call issues them
     (seqpar.sp.linear_attention), on one memo shared from forward to backward as autograd shares

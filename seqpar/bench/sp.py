@@ -20,7 +20,6 @@ the anchor (its efficiency measured the same way).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ from seqpar.comm import Family, StateScan
 from seqpar.comm import collectives as C
 from seqpar.sp.plan import make_plan
 from seqpar_kernels.backends import resolve
-from seqpar_kernels.explicit import Call, explicit_kernel, run_as_in_sp
+from seqpar_kernels.explicit import Call, explicit_kernel, run_as_autograd, run_as_in_sp
 from seqpar_kernels.testing import random_inputs, rel_err
 
 from .timing import graphed, host_ms, init_distributed, kernel_breakdown, median_ms, start_together
@@ -115,10 +114,8 @@ def _breakdown(variant, x, do, method, layout, backend_name, slices, device, arg
     h0 = torch.randn(B, H, K, V, device=device) * 0.1
     dht = torch.randn(B, H, K, V, device=device) * 0.1
 
-    def local_kernel():  # as autograd runs it: the backward takes what the forward kept
-        c = replace(call, memo={})
-        kernel.forward(c, h0)
-        kernel.backward(c, h0, do, dht)
+    def local_kernel():
+        run_as_autograd(kernel, call, do, h0, dht)
 
     plan = make_plan(layout, C.rank(), C.size(), B, T, None)
     transition = var.transition == "dense" and plan.needs_transitions

@@ -285,7 +285,7 @@ def _pass(L: _Layout, wy: _WY, sg: _Segments, *, forward=False, reverse=False, f
     store = r is not None
     # the reverse chain always carries a gate (delta_kernels._reverse_chain): zero for delta_rule;
     # a forward chain alone runs faster ungated
-    gc = wy.gc if wy.gc is not None or not reverse else _zeros(L.rows, L.H, L.q.device)
+    gc = _zeros(L.rows, L.H, L.q.device) if wy.gc is None and reverse else wy.gc
     kern.state_pass[(cols, sg.n * L.H, int(forward) + int(reverse))](
         L.q, L.k, pick(gc), wy.w, pick(wy.u), pick(do), pick(wy.dvl),
         pick(finit), pick(r.h if store else None), pick(r.vn if store else None), pick(fout), pick(m),

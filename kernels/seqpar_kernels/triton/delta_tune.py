@@ -30,7 +30,6 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import replace
 
 # Each configuration is checked (by one or more workers, each with its own case list) before it
 # is timed. "A" is delta.CONFIG (the defaults); the others vary launch settings so that each is
@@ -99,7 +98,7 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     outputs again as one shard under SP computes them (run_as_in_sp: the kernel after the summaries)."""
     import torch
 
-    from seqpar_kernels.explicit import Call, TorchKernel, run_as_in_sp
+    from seqpar_kernels.explicit import Call, TorchKernel, run_as_autograd, run_as_in_sp
     from seqpar_kernels.testing import rel_err
 
     dtype = getattr(torch, dtype_name)
@@ -115,7 +114,7 @@ def _check_case(delta, variant, B, T, H, K, V, dtype_name, *, h0, dht, cu=None, 
     ref = TorchKernel()
     ro, rht = ref.forward(call64, d64(s0))
     rg = ref.backward(call64, d64(s0) if s0 is not None else None, d64(do), d64(g_ht))
-    o, ht, gr = _fwdbwd(delta, call, do, s0, g_ht)
+    o, ht, gr = run_as_autograd(delta, call, do, s0, g_ht)
     got = {"o": (o, ro), "ht": (ht, rht), "dq": (gr.dq, rg.dq), "dk": (gr.dk, rg.dk), "dv": (gr.dv, rg.dv),
            "dbeta": (gr.dbeta, rg.dbeta), "dh0": (gr.dh0, rg.dh0)}
     if g is not None:
@@ -237,14 +236,6 @@ def _fla_fns(variant):
     return (lambda q, k, v, g, beta, scale: chunk_delta_rule(q, k, v, beta, scale=scale)[0]), fla.__version__
 
 
-def _fwdbwd(delta, call, do, h0=None, dht=None):
-    """(o, ht, grads) of a forward and backward as autograd runs them: on one Call with a memo, so
-    the backward takes what the forward kept."""
-    call = replace(call, memo={})
-    o, ht = delta.forward(call, h0)
-    return o, ht, delta.backward(call, h0, do, dht)
-
-
 MEASURES = ("fwd", "fwdbwd", "final_state", "state_grad")
 
 
@@ -254,7 +245,7 @@ def time_config(delta, variant, T, with_fla=False, measures=MEASURES):
     call's order, without and with the dense transition: see run_as_in_sp)."""
     import torch
 
-    from seqpar_kernels.explicit import Call, run_as_in_sp
+    from seqpar_kernels.explicit import Call, run_as_autograd, run_as_in_sp
 
     H, D, dt = (2, 16, torch.float32) if SMOKE else (16, 128, torch.bfloat16)
     q, k, v, g, beta, _, _ = _inputs(variant, 1, T, H, D, D, dt, h0=False, seed=T)
@@ -265,10 +256,10 @@ def time_config(delta, variant, T, with_fla=False, measures=MEASURES):
     res = {}
     fns = {
         "fwd": lambda: delta.forward(call, None),
-        "fwdbwd": lambda: _fwdbwd(delta, call, do),
+        "fwdbwd": lambda: run_as_autograd(delta, call, do),
         "final_state": lambda: delta.final_state(call, None),
         "state_grad": lambda: delta.state_grad(call, do, None),
-        "shard": lambda: _fwdbwd(delta, call, do, h0, dht),
+        "shard": lambda: run_as_autograd(delta, call, do, h0, dht),
         "sp": lambda: run_as_in_sp(delta, call, do, h0, dht, False),
         "sp_m": lambda: run_as_in_sp(delta, call, do, h0, dht, True),
     }
@@ -302,14 +293,14 @@ def breakdown(delta, variant, T, as_in_sp=False):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from seqpar_kernels.explicit import Call, run_as_in_sp
+    from seqpar_kernels.explicit import Call, run_as_autograd, run_as_in_sp
 
     H, D, dt = (2, 16, torch.float32) if SMOKE else (16, 128, torch.bfloat16)
     q, k, v, g, beta, _, _ = _inputs(variant, 1, T, H, D, D, dt, h0=False, seed=1)
     call = Call(q, k, v, g, beta, D ** -0.5)
     do = torch.randn_like(v)
     h0, dht = (0.1 * torch.randn(1, H, D, D, device=DEV) for _ in range(2))
-    run = (lambda: run_as_in_sp(delta, call, do, h0, dht, True)) if as_in_sp else (lambda: _fwdbwd(delta, call, do))
+    run = (lambda: run_as_in_sp(delta, call, do, h0, dht, True)) if as_in_sp else (lambda: run_as_autograd(delta, call, do))
     iters = 1 if as_in_sp else 3
     for _ in range(2):
         run()

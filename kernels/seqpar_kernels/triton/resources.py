@@ -17,19 +17,21 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import replace
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from ..explicit import run_as_in_sp
+from ..explicit import run_as_autograd, run_as_in_sp
 from ..testing import random_inputs
 from . import check, delta, delta_kernels, gated
 
 # shared memory one block may use on sm_90 (H100, H200): a launch that asks for more fails with
 # OutOfResources on the GPU, so the compile test checks every launch against it
 SM90_SHARED_BYTES = 232448
+# one variant per kind of launch: gate none / per token / per key, and both delta rules (lightning
+# launches what simple_gla does)
+VARIANTS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 # constexprs that tell launches of one kernel apart in the printout
 FLAGS = ("GATE", "USE_G", "FORWARD", "REVERSE", "STORE", "BACKWARD", "DO_DVL", "BK", "BV")
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -54,16 +56,15 @@ def record_launches(variant: str, dtype: torch.dtype, K: int, V: int, H: int, as
 
     T = 64 * (2 * delta.CONFIG["state_seg_chunks"] + 1) if as_in_sp else 128  # three segments
     x = random_inputs(variant, B=1, T=T, H=H, K=K, V=V, dtype=dtype, seed=0)
+    call = check.make_call(variant, x, None)
     h0, do = x.initial_state.float(), torch.zeros_like(x.v)
-    call = replace(check.make_call(variant, x, None), memo={})  # one memo'd Call: the launches autograd makes
     try:
         for name, fn in kernels.items():
             setattr(module, name, Recorder(fn))
         if as_in_sp:
             run_as_in_sp(host, call, do, h0, torch.zeros_like(h0), transition=True)
-        else:
-            host.forward(call, h0)
-            host.backward(call, h0, do, torch.zeros_like(h0))
+        else:  # the launches autograd makes: the backward takes what the forward kept
+            run_as_autograd(host, call, do, h0, torch.zeros_like(h0))
     finally:
         for name, fn in kernels.items():
             setattr(module, name, fn)
@@ -133,10 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--H", type=int, default=16)
     args = p.parse_args(argv)
     printed = set()
-    # one per gate kind (lightning = simple_gla)
-    for fn, kernel, constexprs, options in compile_all(("linear_attn", "simple_gla", "gla", "delta_rule",
-                                                        "gated_delta_rule"),
-                                                       getattr(torch, args.dtype), args.K, args.V, args.H):
+    for fn, kernel, constexprs, options in compile_all(VARIANTS, getattr(torch, args.dtype), args.K, args.V, args.H):
         flags = {k: v for k, v in constexprs.items() if k in FLAGS}
         label = fn.__name__ + "".join(f" {k}={int(v) if isinstance(v, bool) else v}" for k, v in flags.items())
         launch = f"warps {options.get('num_warps')} stages {options.get('num_stages')}"
